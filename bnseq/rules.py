@@ -1,0 +1,339 @@
+"""Pure decisions about layers: no model is built or changed here.
+
+Which layers bnseq normalizes, the channel axis of their output, whether an
+activation is the identity, the checking of `batch_norm` options, and the
+placement rules that `bnseq.Sequential` warns about and `bnseq.lint` reports.
+"""
+
+import difflib
+import inspect
+import os
+import sys
+import warnings
+
+import keras
+from keras import layers
+
+# The linear layers bnseq rewrites, and their subclasses. Each computes
+# `activation(linear(x) + bias)` with a single channel axis given by its
+# `data_format`, so the bias can go and a BatchNormalization on that axis can
+# sit between the linear part and the activation.
+#
+# Left alone on purpose:
+# - `EinsumDense`: its equation decides which output axes carry the bias, and
+#   there may be several, so there is no one channel axis to normalize.
+# - Recurrent layers (`LSTM`, `GRU`, `SimpleRNN`): their activations are applied
+#   inside the time loop, so a normalization that belongs before them would
+#   have to go inside the recurrence (recurrent batch normalization, Cooijmans
+#   et al. 2016), which no layer inserted after them can do.
+LINEAR_LAYERS = (
+    layers.Dense,
+    layers.Conv1D,
+    layers.Conv2D,
+    layers.Conv3D,
+    layers.Conv1DTranspose,
+    layers.Conv2DTranspose,
+    layers.Conv3DTranspose,
+    layers.DepthwiseConv1D,
+    layers.DepthwiseConv2D,
+    layers.SeparableConv1D,
+    layers.SeparableConv2D,
+)
+
+# Layers whose whole job is a nonlinearity.
+ACTIVATION_LAYERS = (
+    layers.Activation,
+    layers.ReLU,
+    layers.LeakyReLU,
+    layers.PReLU,
+    layers.ELU,
+    layers.Softmax,
+)
+
+# Options bnseq decides itself and so refuses in `batch_norm`.
+_DERIVED_OPTIONS = {
+    "axis": "bnseq puts each BatchNormalization on the channel axis of the "
+    "layer before it (-1 for Dense and channels_last, 1 for channels_first)",
+}
+
+_BATCH_NORM_OPTIONS = tuple(
+    name
+    for name, parameter in inspect.signature(
+        layers.BatchNormalization.__init__
+    ).parameters.items()
+    if name not in ("self", "axis")
+    and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+)
+
+
+class BatchNormPlacementWarning(UserWarning):
+    """Warned when a BatchNormalization is placed where it wastes or hurts.
+
+    Every warning bnseq gives uses this category, so it can be filtered or
+    turned into an error in one line::
+
+        warnings.simplefilter("error", bnseq.BatchNormPlacementWarning)
+    """
+
+
+def warn(message):
+    """Warn with `BatchNormPlacementWarning`, pointing at the caller's line.
+
+    The warning is attributed to the first frame outside bnseq and Keras (a
+    layer list given to the constructor reaches `add()` through Keras), so
+    the user sees their own line, once per line with the default filter.
+    """
+    skipped = tuple(
+        os.path.dirname(path) + os.sep for path in (__file__, keras.__file__)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, BatchNormPlacementWarning, stacklevel=level + 1)
+
+
+def is_linear(layer):
+    """Whether bnseq can normalize `layer` (one of `LINEAR_LAYERS`)."""
+    return isinstance(layer, LINEAR_LAYERS)
+
+
+def is_identity(activation):
+    """Whether an activation function is the identity.
+
+    Only functions count: an activation given as a Layer is the user's own
+    object and is always kept as a layer of its own.
+    """
+    return activation is None or activation is keras.activations.linear
+
+
+def is_nonlinearity(layer):
+    """Whether `layer` ends in a nonlinear activation.
+
+    True for an activation layer (`Activation` other than "linear", `ReLU`,
+    `LeakyReLU`, `PReLU`, `ELU`, `Softmax`) and for a linear layer whose own
+    activation is not the identity.
+    """
+    if isinstance(layer, layers.Activation):
+        return not is_identity(layer.activation)
+    if isinstance(layer, ACTIVATION_LAYERS):
+        return True
+    if is_linear(layer):
+        return not is_identity(layer.activation)
+    return False
+
+
+def output_rank(layer):
+    """The rank of `layer`'s output, or `None` when it is not known yet.
+
+    Convolutions know it from their class (`rank` spatial axes plus batch and
+    channels); other layers only once they have been called.
+    """
+    rank = getattr(layer, "rank", None)
+    if isinstance(layer, LINEAR_LAYERS[1:]) and isinstance(rank, int):
+        return rank + 2
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):
+        return None
+
+
+def channel_axis(layer):
+    """The axis that holds the channels of a linear layer's output.
+
+    Returns:
+        int: `1` for a `channels_first` convolution, `-1` otherwise.
+    """
+    if getattr(layer, "data_format", None) == "channels_first":
+        return 1
+    return -1
+
+
+def same_axis(axis, expected, rank):
+    """Whether `axis` names the same axis as `expected` in a tensor of `rank`.
+
+    With an unknown rank, a negative and a positive axis cannot be compared:
+    they are then taken to agree, so that no false alarm is raised.
+    """
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            return False
+        (axis,) = axis
+    if rank is None:
+        if (axis < 0) == (expected < 0):
+            return axis == expected
+        return True
+    return axis % rank == expected % rank
+
+
+def describe(layer, index=None):
+    """`Dense 'dense_1' (layer 3)`: how messages name a layer."""
+    where = "" if index is None else f" (layer {index})"
+    return f"{type(layer).__name__} '{layer.name}'{where}"
+
+
+def check_batch_norm(batch_norm, owner=None):
+    """Validate a `batch_norm` setting and return it in canonical form.
+
+    Args:
+        batch_norm: bool or dict. `False`, `True`, or a dict of
+            `keras.layers.BatchNormalization` keyword arguments other than
+            `axis`.
+        owner: str, optional. The layer or model the setting is for, as
+            messages name it.
+
+    Returns:
+        `False`, or a dict of options (`{}` for `True`).
+
+    Raises:
+        TypeError: if `batch_norm` is neither a bool nor a dict.
+        ValueError: if the dict has `axis`, an unknown key, or a value that
+            `BatchNormalization` rejects.
+
+    Example:
+
+    >>> check_batch_norm(True)
+    {}
+    >>> check_batch_norm({"momentum": 0.9})
+    {'momentum': 0.9}
+    >>> check_batch_norm({"axis": 1})
+    Traceback (most recent call last):
+    ...
+    ValueError: `batch_norm` cannot set `axis`: bnseq puts each ...
+    """
+    if batch_norm is False:
+        return False
+    if batch_norm is True:
+        return {}
+    where = "`batch_norm`" + (f" for {owner}" if owner else "")
+    received = f"Received: batch_norm={batch_norm!r}"
+    if not isinstance(batch_norm, dict):
+        raise TypeError(
+            f"{where} must be True, False or a dict of "
+            "keras.layers.BatchNormalization arguments, such as "
+            f"{{'momentum': 0.9}}. {received} "
+            f"(of type {type(batch_norm).__name__})"
+        )
+    options = dict(batch_norm)
+    for key in options:
+        if key in _DERIVED_OPTIONS:
+            raise ValueError(
+                f"{where} cannot set `{key}`: {_DERIVED_OPTIONS[key]}. "
+                f"Remove it. {received}"
+            )
+        if key not in _BATCH_NORM_OPTIONS:
+            close = difflib.get_close_matches(str(key), _BATCH_NORM_OPTIONS, 1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ValueError(
+                f"{where} has an unknown BatchNormalization argument "
+                f"`{key}`.{hint} Valid arguments: "
+                f"{', '.join(_BATCH_NORM_OPTIONS)}. {received}"
+            )
+    _check_values(options, where, received)
+    return options
+
+
+def _check_values(options, where, received):
+    """Raise a ValueError for option values BatchNormalization rejects.
+
+    Keras checks most values when a layer is constructed, so one is built as a
+    probe. It checks neither the range of `momentum` and `epsilon` nor the
+    type of the flags, which then fail (or train badly) much later, so those
+    are checked here.
+    """
+    for key in ("center", "scale", "synchronized", "renorm"):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"{where}: `{key}` must be True or False. {received}")
+    try:
+        probe = layers.BatchNormalization(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{where}: keras.layers.BatchNormalization rejects these options "
+            f"on the {keras.backend.backend()} backend: {error} {received}"
+        ) from None
+    if not 0.0 <= probe.momentum <= 1.0:
+        raise ValueError(f"{where}: `momentum` must be between 0 and 1. {received}")
+    if not probe.epsilon > 0.0:
+        raise ValueError(f"{where}: `epsilon` must be greater than 0. {received}")
+
+
+def placement_problems(producer, batch_norm_layer):
+    """What is wrong with a BatchNormalization fed by `producer`.
+
+    The rules `bnseq.Sequential` warns about on `add()` and `bnseq.lint`
+    reports, in one place:
+
+    - `BN001`: the producer is a linear layer that adds a bias, which the
+      normalization subtracts again (`BN(Wx + b) = BN(Wx)`).
+    - `BN002`: the producer ends in a nonlinearity; the normalization belongs
+      between the linear layer and its activation.
+    - `BN003`: the BatchNormalization's axis is not the producer's channel
+      axis, so it normalizes the wrong features (and trains silently).
+
+    Args:
+        producer: Layer. The layer whose output the BatchNormalization takes.
+        batch_norm_layer: `keras.layers.BatchNormalization`.
+
+    Returns:
+        list of `(code, message)` tuples, empty when the placement is right.
+
+    Example:
+
+    >>> dense = keras.layers.Dense(4)
+    >>> [code for code, _ in placement_problems(
+    ...     dense, keras.layers.BatchNormalization())]
+    ['BN001']
+    """
+    problems = []
+    if is_linear(producer) and producer.use_bias:
+        wasted = _bias_size(producer)
+        size = f"{wasted} parameters" if wasted is not None else "parameters"
+        problems.append(
+            (
+                "BN001",
+                f"{describe(producer)} adds a bias that "
+                f"{describe(batch_norm_layer)} subtracts again "
+                f"({size} wasted). Write "
+                f"`{type(producer).__name__}(..., use_bias=False)`, "
+                "or let bnseq.Sequential(batch_norm=True) do it.",
+            )
+        )
+    if is_nonlinearity(producer):
+        problems.append(
+            (
+                "BN002",
+                f"{describe(batch_norm_layer)} comes after the nonlinearity "
+                f"of {describe(producer)}; it belongs between the linear "
+                "layer and its activation. Write the linear layer without "
+                "activation, then BatchNormalization, then the activation "
+                "as its own layer, or let bnseq.Sequential(batch_norm=True) "
+                "do it.",
+            )
+        )
+    if is_linear(producer):
+        expected = channel_axis(producer)
+        rank = output_rank(producer)
+        if not same_axis(batch_norm_layer.axis, expected, rank):
+            problems.append(
+                (
+                    "BN003",
+                    f"{describe(batch_norm_layer)} normalizes axis "
+                    f"{batch_norm_layer.axis}, but the channels of "
+                    f"{describe(producer)} "
+                    f"({getattr(producer, 'data_format', 'features')}) are on "
+                    f"axis {expected}. Write "
+                    f"`BatchNormalization(axis={expected})`.",
+                )
+            )
+    return problems
+
+
+def _bias_size(layer):
+    """How many parameters the bias of an unbuilt or built linear layer has."""
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        return int(bias.shape[0])
+    for attribute in ("units", "filters"):
+        value = getattr(layer, attribute, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,39 @@
+"""Shared test set-up: quiet TensorFlow, seeded Keras, a Hypothesis budget."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import bnseq  # noqa: E402
+
+# A fixed example budget with no deadline: these machines are shared and
+# noisy, and Keras model building is slow enough that timing would flake.
+# `ci` also derandomizes, so a CI run is repeatable.
+_COMMON = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
+settings.register_profile("dev", max_examples=25, **_COMMON)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras():
+    """Each test starts with fresh layer names and the same random state."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace):
+    doctest_namespace.update(bnseq=bnseq, keras=keras, np=np)
