@@ -1,6 +1,7 @@
-"""The `bnseq` command line: `bnseq demo`."""
+"""The `bnseq` command line: `bnseq demo`, `bnseq lint`."""
 
 import argparse
+import json
 import sys
 
 import bnseq
@@ -22,6 +23,21 @@ def _parser():
         "with bnseq.Sequential(batch_norm=True); print both summaries side by "
         "side and the parameters the removed biases saved.",
     )
+    lint = commands.add_parser(
+        "lint",
+        help="report misplaced BatchNormalization in saved models",
+        description="Report misplaced BatchNormalization layers in .keras "
+        "files, one line per finding (FILE: LAYER: CODE MESSAGE). Exit status: "
+        "0 when clean, 1 when there are findings, 2 when a file cannot be read.",
+    )
+    lint.add_argument("paths", nargs="+", metavar="PATH", help=".keras files")
+    lint.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text (the default): one line per finding; json: a list of "
+        "objects with file, layer, code, message and producer",
+    )
     return parser
 
 
@@ -33,8 +49,42 @@ def main(argv=None):
         from bnseq import demo
 
         return demo.run()
+    if args.command == "lint":
+        return _lint(args.paths, args.format)
     parser.print_help()
     return 2
+
+
+def _fail(message):
+    """A one-line error on stderr, no traceback; exit status 2."""
+    print(f"bnseq: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _lint(paths, output_format):
+    """Lint every path; a file that cannot be read makes the status 2."""
+    results, failed = [], False
+    for path in paths:
+        try:
+            findings = bnseq.lint(path)
+        except (OSError, ValueError) as error:
+            failed = True
+            _fail(str(error).splitlines()[0])
+            continue
+        results.extend((path, finding) for finding in findings)
+    if output_format == "json":
+        print(
+            json.dumps(
+                [{"file": path, **vars(finding)} for path, finding in results],
+                indent=2,
+            )
+        )
+    else:
+        for path, finding in results:
+            print(f"{path}: {finding}")
+    if failed:
+        return 2
+    return 1 if results else 0
 
 
 if __name__ == "__main__":

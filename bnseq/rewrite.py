@@ -67,7 +67,7 @@ def check_splittable(layer, index=None):
         )
 
 
-def split(layer, options, taken_names, index=None):
+def split(layer, options, taken_names, index=None, batch_norm_name=None):
     """Turn one linear layer into (bias-free linear, BatchNormalization, act).
 
     The layer keeps its identity: it is changed in place to `use_bias=False`
@@ -80,6 +80,9 @@ def split(layer, options, taken_names, index=None):
         options: dict. Keyword arguments for the BatchNormalization.
         taken_names: set of str. Names the new layers must avoid.
         index: int, optional. The layer's position, for messages.
+        batch_norm_name: str, optional. The BatchNormalization's name, when it
+            takes the place of an existing one; derived from the layer's name
+            otherwise.
 
     Returns:
         `Unit`.
@@ -91,7 +94,7 @@ def split(layer, options, taken_names, index=None):
     batch_norm = layers.BatchNormalization(
         axis=rules.channel_axis(layer),
         dtype=layer.dtype_policy,
-        name=unique_name(f"{layer.name}_bn", taken),
+        name=batch_norm_name or unique_name(f"{layer.name}_bn", taken),
         **options,
     )
     unit = [layer, batch_norm]

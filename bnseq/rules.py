@@ -56,7 +56,7 @@ _DERIVED_OPTIONS = {
     "layer before it (-1 for Dense and channels_last, 1 for channels_first)",
 }
 
-_BATCH_NORM_OPTIONS = tuple(
+BATCH_NORM_OPTIONS = tuple(
     name
     for name, parameter in inspect.signature(
         layers.BatchNormalization.__init__
@@ -220,13 +220,13 @@ def check_batch_norm(batch_norm, owner=None):
                 f"{where} cannot set `{key}`: {_DERIVED_OPTIONS[key]}. "
                 f"Remove it. {received}"
             )
-        if key not in _BATCH_NORM_OPTIONS:
-            close = difflib.get_close_matches(str(key), _BATCH_NORM_OPTIONS, 1)
+        if key not in BATCH_NORM_OPTIONS:
+            close = difflib.get_close_matches(str(key), BATCH_NORM_OPTIONS, 1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             raise ValueError(
                 f"{where} has an unknown BatchNormalization argument "
                 f"`{key}`.{hint} Valid arguments: "
-                f"{', '.join(_BATCH_NORM_OPTIONS)}. {received}"
+                f"{', '.join(BATCH_NORM_OPTIONS)}. {received}"
             )
     _check_values(options, where, received)
     return options

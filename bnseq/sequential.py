@@ -144,10 +144,18 @@ class Sequential(keras.Sequential):
             self._append([layer], rebuild)
             return
 
+        self._add_normalized(layer, options, rebuild, index)
+
+    def _add_normalized(self, layer, options, rebuild, index, batch_norm_name=None):
+        """Split `layer` into its normalized unit and append the unit."""
         rewrite.check_splittable(layer, index)
         self._check_not_in_model(layer, index)
         unit = rewrite.split(
-            layer, options, {each.name for each in self._layers}, index
+            layer,
+            options,
+            {each.name for each in self._layers},
+            index,
+            batch_norm_name=batch_norm_name,
         )
         try:
             self._append(unit.layers, rebuild)

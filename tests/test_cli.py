@@ -50,3 +50,108 @@ def test_python_dash_m():
     )
     assert result.returncode == 0
     assert result.stdout == f"bnseq {bnseq.__version__}\n"
+
+
+# bnseq lint ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    import keras
+    from keras import layers
+
+    clean = tmp_path / "clean.keras"
+    bnseq.Sequential(
+        [keras.Input((4,)), layers.Dense(3, activation="relu")], batch_norm=True
+    ).save(clean)
+    messy = tmp_path / "messy.keras"
+    keras.Sequential(
+        [keras.Input((4,)), layers.Dense(3, activation="relu", name="d"), layers.BatchNormalization(name="bn")]
+    ).save(messy)
+    return clean, messy
+
+
+def test_lint_clean_file_exits_0(model_files, capsys):
+    clean, _ = model_files
+    assert cli.main(["lint", str(clean)]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_lint_findings_exit_1_one_line_each(model_files, capsys):
+    clean, messy = model_files
+    assert cli.main(["lint", str(clean), str(messy)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[:3] for line in lines] == [
+        [str(messy), "bn", "BN001 Dense 'd' adds a bias that BatchNormalization 'bn' subtracts again (3 parameters wasted). Write `Dense(..., use_bias=False)`, or let bnseq.Sequential(batch_norm=True) do it."],
+        [str(messy), "bn", "BN002 BatchNormalization 'bn' comes after the nonlinearity of Dense 'd'; it belongs between the linear layer and its activation. Write the linear layer without activation, then BatchNormalization, then the activation as its own layer, or let bnseq.Sequential(batch_norm=True) do it."],
+    ]
+
+
+def test_lint_json(model_files, capsys):
+    import json
+
+    _, messy = model_files
+    assert cli.main(["lint", "--format", "json", str(messy)]) == 1
+    findings = json.loads(capsys.readouterr().out)
+    assert [(f["file"], f["layer"], f["code"], f["producer"]) for f in findings] == [
+        (str(messy), "bn", "BN001", "d"),
+        (str(messy), "bn", "BN002", "d"),
+    ]
+    assert all(f["message"] for f in findings)
+
+
+def test_lint_json_clean_is_an_empty_list(model_files, capsys):
+    clean, _ = model_files
+    assert cli.main(["lint", "--format", "json", str(clean)]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: d / "missing.keras", "No such file: '{path}'"),
+        (lambda d: d, "'{path}' is a directory, not a .keras file"),
+        (lambda d: _write(d / "notes.txt", b"hello"), "'{path}' is not a .keras file (a .keras file is a zip archive written by `model.save()`)."),
+        (lambda d: _zip(d / "other.keras"), "Keras cannot load '{path}': "),
+    ],
+)
+def test_lint_unreadable_file_exits_2_with_one_line(tmp_path, capsys, make, expected):
+    path = make(tmp_path)
+    assert cli.main(["lint", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("bnseq: error: " + expected.format(path=path))
+    assert len(captured.err.splitlines()) == 1 and "Traceback" not in captured.err
+
+
+def test_lint_keeps_going_after_a_bad_file(model_files, tmp_path, capsys):
+    _, messy = model_files
+    assert cli.main(["lint", str(tmp_path / "missing.keras"), str(messy)]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2  # messy's findings still reported
+    assert captured.err.startswith("bnseq: error: No such file")
+
+
+def test_lint_console_script_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bnseq", "lint", str(tmp_path / "nope.keras")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"bnseq: error: No such file: '{tmp_path / 'nope.keras'}'"
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _zip(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    return path

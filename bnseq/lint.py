@@ -1,0 +1,107 @@
+"""`bnseq.lint`: find misplaced BatchNormalization in any Keras model.
+
+The rules, one code each (the same rules `bnseq.Sequential` warns about when a
+BatchNormalization is added):
+
+`BN001`, a bias before BatchNormalization. The normalization subtracts the
+batch mean of each channel, so a bias added just before it is cancelled, and
+its parameters are wasted; BatchNormalization's own `beta` is the offset::
+
+    layers.Conv2D(64, 3)                    # BN001: 64 wasted parameters
+    layers.BatchNormalization()
+    # instead: layers.Conv2D(64, 3, use_bias=False), layers.BatchNormalization()
+
+`BN002`, BatchNormalization after a nonlinearity: the producer's own
+activation, or an activation layer (`Activation`, `ReLU`, `LeakyReLU`,
+`PReLU`, `ELU`, `Softmax`). It belongs between the linear layer and its
+activation::
+
+    layers.Dense(100, activation="relu")    # BN002
+    layers.BatchNormalization()
+    # instead: layers.Dense(100, use_bias=False), layers.BatchNormalization(),
+    #          layers.Activation("relu")
+
+`BN003`, the wrong axis: the BatchNormalization's axis is not the channel
+axis of the linear layer that feeds it. The model trains, silently
+normalizing the wrong features::
+
+    layers.Conv2D(64, 3, data_format="channels_first", use_bias=False)
+    layers.BatchNormalization()             # BN003: axis -1, channels on 1
+    # instead: layers.BatchNormalization(axis=1)
+
+A BatchNormalization fed by anything else (a merge, a pooling layer, a model
+input, several layers) is not a finding.
+"""
+
+import dataclasses
+
+import keras
+
+from bnseq import graph as graph_module
+from bnseq import rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One misplaced BatchNormalization.
+
+    Attributes:
+        code: str. The rule: `BN001`, `BN002` or `BN003`.
+        layer: str. The BatchNormalization's name.
+        message: str. What is wrong, what it costs, what to write instead.
+        producer: str. The name of the layer that feeds the BatchNormalization.
+    """
+
+    code: str
+    layer: str
+    message: str
+    producer: str
+
+    def __str__(self):
+        return f"{self.layer}: {self.code} {self.message}"
+
+
+def lint(model_or_path):
+    """Find misplaced BatchNormalization layers in a model.
+
+    Never changes the model. Models nested in the model are read through, so a
+    BatchNormalization is judged by the layer that really feeds it.
+
+    Args:
+        model_or_path: `keras.Model` (Sequential from Keras or bnseq,
+            functional, with nested models), or the path of a `.keras` file
+            (loaded without compiling; `import bnseq` has made bnseq's own
+            classes loadable).
+
+    Returns:
+        list of `Finding`, in the model's order; empty when all is well.
+
+    Raises:
+        TypeError: if `model_or_path` is neither a model nor a path.
+        FileNotFoundError: if the path does not exist.
+        ValueError: if the file is not a Keras model Keras can load.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(8, activation="relu", name="hidden"),
+    ...     keras.layers.BatchNormalization(name="bn"),
+    ... ])
+    >>> for finding in bnseq.lint(model):
+    ...     print(finding.code, finding.layer, finding.producer)
+    BN001 bn hidden
+    BN002 bn hidden
+    """
+    model = graph_module.as_model(model_or_path)
+    graph = graph_module.walk(model)
+    findings = []
+    for layer in graph.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        producer = graph.sole_producer(layer)
+        if producer is None:
+            continue
+        for code, message in rules.placement_problems(producer, layer):
+            findings.append(Finding(code, layer.name, message, producer.name))
+    return findings
