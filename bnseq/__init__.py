@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from bnseq.convert import batch_normalize
+from bnseq.fold import FoldDecision
+from bnseq.fold import fold
+from bnseq.fold import fold_report
 from bnseq.lint import Finding
 from bnseq.lint import lint
 from bnseq.rules import BatchNormPlacementWarning
@@ -13,8 +16,11 @@ from bnseq.sequential import without_batch_norm
 __all__ = [
     "BatchNormPlacementWarning",
     "Finding",
+    "FoldDecision",
     "Sequential",
     "batch_normalize",
+    "fold",
+    "fold_report",
     "lint",
     "with_batch_norm",
     "without_batch_norm",

@@ -117,9 +117,9 @@ class _Plan:
                 result.add(self.rewrite(layer, batch_norm), rebuild=False, batch_norm=False)
             elif id(layer) in self.normalize:
                 options, name = self.normalize[id(layer)]
-                result._add_normalized(_fresh(layer), options, False, None, name)
+                result._add_normalized(rewrite.fresh_copy(layer), options, False, None, name)
             else:
-                result.add(_fresh(layer), rebuild=False, batch_norm=False)
+                result.add(rewrite.fresh_copy(layer), rebuild=False, batch_norm=False)
         if result.layers:
             result._maybe_rebuild()
         return result
@@ -131,7 +131,7 @@ class _Plan:
         def clone_function(layer):
             if isinstance(layer, keras.Model):
                 return self.rewrite(layer, batch_norm)
-            clone = _fresh(layer)
+            clone = rewrite.fresh_copy(layer)
             if id(layer) in self.absorbed:
                 skipped.add(id(clone))
             elif id(layer) in self.normalize:
@@ -184,8 +184,3 @@ def _options_of(batch_norm_layer):
     """A BatchNormalization's own options, as `batch_norm` takes them."""
     config = batch_norm_layer.get_config()
     return {key: config[key] for key in rules.BATCH_NORM_OPTIONS if key in config}
-
-
-def _fresh(layer):
-    """A new, unbuilt layer with the same configuration."""
-    return layer.__class__.from_config(layer.get_config())

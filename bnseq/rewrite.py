@@ -128,6 +128,11 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None):
     return Unit(layers=unit, undo=undo)
 
 
+def fresh_copy(layer):
+    """A new, unbuilt layer (or operation) with the same configuration."""
+    return layer.__class__.from_config(layer.get_config())
+
+
 def unique_name(name, taken):
     """`name`, or `name_1`, `name_2`, ... whichever is not in `taken`.
 

@@ -155,3 +155,86 @@ def _zip(path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("readme.txt", "not a model")
     return path
+
+
+# bnseq fold ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained_file(tmp_path):
+    import keras
+    import numpy as np
+    from keras import layers
+
+    model = bnseq.Sequential(
+        [keras.Input((6, 6, 2)), layers.Conv2D(3, 3, activation="relu"), layers.Flatten(), layers.Dense(2)],
+        batch_norm=True,
+    )
+    rng = np.random.default_rng(0)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(rng.normal(size=(16, 6, 6, 2)), rng.normal(size=(16, 2)), epochs=2, verbose=0)
+    path = tmp_path / "trained.keras"
+    model.save(path)
+    return path
+
+
+def test_fold_writes_a_plain_model(trained_file, tmp_path, capsys):
+    import keras
+
+    out = tmp_path / "folded.keras"
+    assert cli.main(["fold", str(trained_file), str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Folded 2 of 2 BatchNormalization layers into the layers before them."
+    assert lines[1].startswith("Largest output difference on a random probe: ")
+    difference = float(lines[1].split(": ")[1].split(" ")[0])
+    assert difference < 1e-4
+    assert lines[2] == f"Wrote {out}"
+    folded = keras.saving.load_model(out)
+    assert [type(layer).__name__ for layer in folded.layers] == ["Conv2D", "Flatten", "Dense"]
+
+
+def test_fold_lists_what_it_kept(tmp_path, capsys):
+    import keras
+    from keras import layers
+
+    path = tmp_path / "late.keras"
+    keras.Sequential(
+        [keras.Input((4,)), layers.Dense(3, activation="relu", name="d"), layers.BatchNormalization(name="late")]
+    ).save(path)
+    assert cli.main(["fold", str(path), str(tmp_path / "out.keras")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        "Folded 0 of 1 BatchNormalization layers into the layers before them.",
+        "  kept late: kept, Dense 'd' applies its activation before it; only a linear layer "
+        "with the identity activation folds",
+    ]
+
+
+def test_fold_strict_fails_and_writes_nothing(tmp_path, capsys):
+    import keras
+    from keras import layers
+
+    path = tmp_path / "late.keras"
+    keras.Sequential([keras.Input((4,)), layers.ReLU(), layers.BatchNormalization(name="late")]).save(path)
+    out = tmp_path / "out.keras"
+    assert cli.main(["fold", "--strict", str(path), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "1 BatchNormalization layer(s) of model 'sequential' cannot be folded:" in err
+    assert "- late: kept, it follows ReLU 're_lu', which is not a linear layer" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (lambda d, good: [str(d / "missing.keras"), str(d / "out.keras")], "No such file: '{d}/missing.keras'"),
+        (lambda d, good: [str(_write(d / "x.keras", b"junk")), str(d / "out.keras")], "'{d}/x.keras' is not a .keras file"),
+        (lambda d, good: [str(good), str(d / "no" / "such" / "dir" / "out.keras")], "cannot write '{d}/no/such/dir/out.keras': "),
+        (lambda d, good: [str(good), str(d / "out.h5")], "the output file must end in .keras. Received: {d}/out.h5"),
+    ],
+)
+def test_fold_bad_files_exit_2_with_one_line(trained_file, tmp_path, capsys, arguments, expected):
+    assert cli.main(["fold", *arguments(tmp_path, trained_file)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("bnseq: error: " + expected.format(d=tmp_path))
+    assert len(captured.err.splitlines()) == 1 and "Traceback" not in captured.err

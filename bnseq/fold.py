@@ -1,0 +1,470 @@
+"""`bnseq.fold`: fold BatchNormalization into the layer before it, for inference.
+
+At inference a BatchNormalization is a fixed affine map per channel,
+`y = s * (x - moving_mean) + beta` with `s = gamma / sqrt(moving_variance +
+epsilon)`. After a linear layer `x = W * input + b` it folds into that layer:
+`kernel' = kernel * s` (over output channels) and
+`bias' = s * (b - moving_mean) + beta`, giving the same outputs with one layer
+fewer. The fold math is the pure numpy functions at the top of this module;
+the model rewrite is at the bottom.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from bnseq import graph as graph_module
+from bnseq import rewrite
+from bnseq import rules
+
+# Fold math ----------------------------------------------------------------
+
+
+def batch_norm_affine(moving_mean, moving_variance, epsilon, gamma=None, beta=None):
+    """The per-channel `(scale, shift)` of a BatchNormalization at inference.
+
+    `y = scale * x + shift`, computed in float64.
+
+    Args:
+        moving_mean: array. The moving mean, one value per channel.
+        moving_variance: array. The moving variance.
+        epsilon: float. The layer's `epsilon`.
+        gamma: array, optional. `None` when the layer has `scale=False`.
+        beta: array, optional. `None` when the layer has `center=False`.
+
+    Returns:
+        (scale, shift), two float64 arrays.
+
+    Example:
+
+    >>> scale, shift = batch_norm_affine(
+    ...     np.array([1.0]), np.array([4.0]), 0.0, gamma=np.array([2.0]))
+    >>> scale, shift
+    (array([1.]), array([-1.]))
+    """
+    mean = np.asarray(moving_mean, np.float64)
+    scale = 1.0 / np.sqrt(np.asarray(moving_variance, np.float64) + epsilon)
+    if gamma is not None:
+        scale = scale * np.asarray(gamma, np.float64)
+    shift = -scale * mean
+    if beta is not None:
+        shift = shift + np.asarray(beta, np.float64)
+    return scale, shift
+
+
+def scale_kernel(kernel, scale, layout):
+    """Scale a kernel's output channels by `scale`, in float64.
+
+    Args:
+        kernel: array. The kernel in Keras's layout.
+        scale: array. One factor per output channel.
+        layout: str. Where the output channels are: `"last"` for Dense
+            `(in, out)`, convolutions `(*k, in/groups, out)` and the pointwise
+            kernel of a separable convolution; `"transpose"` for transposed
+            convolutions `(*k, out, in)`; `"depthwise"` for depthwise
+            convolutions `(*k, in, multiplier)`, whose output channel
+            `c * multiplier + m` is entry `[..., c, m]`.
+
+    Returns:
+        float64 array of the kernel's shape.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    if layout == "last":
+        return kernel * scale
+    if layout == "transpose":
+        return kernel * scale[:, None]
+    if layout == "depthwise":
+        return kernel * scale.reshape(kernel.shape[-2:])
+    raise ValueError(f"Unknown kernel layout. Received: layout={layout!r}")
+
+
+def _layout(layer):
+    if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
+        return "transpose"
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        return "depthwise"
+    return "last"
+
+
+def folded_weights(layer, batch_norm_layer):
+    """The weights of `layer` with `batch_norm_layer` folded in.
+
+    Args:
+        layer: one of the linear layers, built, with the identity activation.
+        batch_norm_layer: the built `BatchNormalization` right after it.
+
+    Returns:
+        list of arrays for `set_weights` on the same layer with
+        `use_bias=True`: its kernels (only the last one, the pointwise kernel
+        of a separable convolution, scaled) and the new bias, each in its
+        variable's dtype.
+    """
+    weights = layer.get_weights()
+    kernels = weights[:-1] if layer.use_bias else weights
+    bias = weights[-1] if layer.use_bias else 0.0
+    bn = batch_norm_layer
+    scale, shift = batch_norm_affine(
+        keras.ops.convert_to_numpy(bn.moving_mean),
+        keras.ops.convert_to_numpy(bn.moving_variance),
+        bn.epsilon,
+        gamma=keras.ops.convert_to_numpy(bn.gamma) if bn.scale else None,
+        beta=keras.ops.convert_to_numpy(bn.beta) if bn.center else None,
+    )
+    last = kernels[-1]
+    new_kernel = scale_kernel(last, scale, _layout(layer)).astype(last.dtype)
+    new_bias = scale * np.asarray(bias, np.float64) + shift
+    bias_dtype = weights[-1].dtype if layer.use_bias else last.dtype
+    return [*kernels[:-1], new_kernel, new_bias.astype(bias_dtype)]
+
+
+# Decisions -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldDecision:
+    """What `fold` does with one BatchNormalization.
+
+    Attributes:
+        batch_norm: str. The BatchNormalization's name.
+        layer: str or None. The layer that feeds it, if exactly one does.
+        folded: bool. Whether it folds into that layer.
+        reason: str. Why it stays, when it does; empty when it folds.
+    """
+
+    batch_norm: str
+    layer: object
+    folded: bool
+    reason: str
+
+    def __str__(self):
+        if self.folded:
+            return f"{self.batch_norm}: folded into {self.layer}"
+        return f"{self.batch_norm}: kept, {self.reason}"
+
+
+def fold_report(model):
+    """What `fold(model)` would do with each BatchNormalization, in model order.
+
+    Args:
+        model: `keras.Model`, Sequential or functional.
+
+    Returns:
+        list of `FoldDecision`.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(3, use_bias=False, name="d"),
+    ...     keras.layers.BatchNormalization(name="bn"),
+    ...     keras.layers.ReLU(name="relu"),
+    ...     keras.layers.BatchNormalization(name="late"),
+    ... ])
+    >>> for decision in bnseq.fold_report(model):
+    ...     print(decision)
+    bn: folded into d
+    late: kept, it follows ReLU 'relu', which is not a linear layer
+    """
+    return [decision for _, _, decision in _decide(graph_module.walk(model))]
+
+
+def _decide(graph):
+    """(BatchNormalization, producer or None, FoldDecision) for each one."""
+    decisions = []
+    for bn in graph.layers:
+        if not isinstance(bn, keras.layers.BatchNormalization):
+            continue
+        producer = graph.sole_producer(bn)
+        reason = _why_not(graph, producer, bn)
+        decisions.append(
+            (
+                bn,
+                producer if reason is None else None,
+                FoldDecision(
+                    bn.name,
+                    None if producer is None else producer.name,
+                    reason is None,
+                    reason or "",
+                ),
+            )
+        )
+    return decisions
+
+
+def _why_not(graph, producer, bn):
+    """Why `bn` cannot fold into `producer`, or None when it can."""
+    if producer is None:
+        count = len(graph.producers(bn))
+        return (
+            "it takes a model input"
+            if count == 0
+            else f"it takes the outputs of {count} layers"
+        )
+    if not rules.is_linear(producer):
+        return f"it follows {rules.describe(producer)}, which is not a linear layer"
+    if not rules.is_identity(producer.activation):
+        return (
+            f"{rules.describe(producer)} applies its activation before it; "
+            "only a linear layer with the identity activation folds"
+        )
+    if not graph.feeds_only(producer, bn):
+        return f"the output of {rules.describe(producer)} is also used elsewhere"
+    if graph.parents.get(id(producer)) is not graph.parents.get(id(bn)):
+        return f"it is in a different model than {rules.describe(producer)}"
+    if not rules.same_axis(bn.axis, rules.channel_axis(producer), rules.output_rank(producer)):
+        return (
+            f"its axis {bn.axis} is not the channel axis of "
+            f"{rules.describe(producer)}"
+        )
+    if _bias_lands_on_the_wrong_axis(producer):
+        return (
+            f"{rules.describe(producer)} is channels_first with as many channels "
+            "as its last spatial size, where this Keras backend adds a bias "
+            "along the last axis in eager calls; folding would change the "
+            "outputs"
+        )
+    expected = 2 if isinstance(producer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)) else 1
+    if len(producer.get_weights()) != expected + int(producer.use_bias):
+        return f"{rules.describe(producer)} has weights beyond kernel and bias (quantized or LoRA)"
+    return None
+
+
+_BIAS_ADD_IS_SOUND = {}
+
+
+def _bias_lands_on_the_wrong_axis(layer):
+    """Whether `layer`'s bias would be added along the wrong axis.
+
+    Keras 3.15's TensorFlow `ops.add` turns an add of a bias-like tensor into
+    `tf.nn.bias_add`, guessing the layout from the input's shape alone: a
+    `(1, C, 1, 1)` bias goes along the last axis whenever that axis also has
+    size `C` (eager calls; `predict`'s compiled graph is right). The layers'
+    own BatchNormalization is not affected, so folding would change outputs
+    exactly then. Whether the backend does this is probed once, not assumed
+    from a version number.
+    """
+    if rules.channel_axis(layer) != 1:
+        return False
+    try:
+        shape = layer.output.shape
+    except (AttributeError, ValueError):
+        return True  # unknown: keep the BatchNormalization, to be safe
+    if shape[-1] != shape[1]:
+        return False
+    backend = keras.backend.backend()
+    if backend not in _BIAS_ADD_IS_SOUND:
+        probe = keras.ops.add(
+            keras.ops.zeros((1, 2, 1, 2)),
+            keras.ops.reshape(keras.ops.convert_to_tensor([0.0, 1.0]), (1, 2, 1, 1)),
+        )
+        _BIAS_ADD_IS_SOUND[backend] = bool(
+            np.allclose(keras.ops.convert_to_numpy(probe)[0, :, 0, 0], [0.0, 1.0])
+        )
+    return not _BIAS_ADD_IS_SOUND[backend]
+
+
+# The rewrite ----------------------------------------------------------------
+
+
+def fold(model, *, strict=False):
+    """Folds each BatchNormalization into the linear layer before it.
+
+    Returns a new model of plain Keras layers (loadable where bnseq is not
+    installed) with the same inputs and outputs that, in inference mode,
+    computes what `model` computes with fewer layers. A BatchNormalization
+    folds when the layer that feeds it is one of the linear layers bnseq
+    knows, with the identity activation, whose output nothing else uses, and
+    its axis is that layer's channel axis; the folded layer gets
+    `use_bias=True`, and an `Activation` layer that alone follows the
+    BatchNormalization becomes the layer's own `activation` again, so a folded
+    unit is exactly what a model without BatchNormalization has. Every other
+    layer, and every BatchNormalization that cannot fold, is copied with its
+    weights. Models nested in the model are
+    folded the same way. The original model and its weights are untouched.
+
+    The folded model is for inference only: training it would not normalize.
+
+    Args:
+        model: `keras.Model`, Sequential (from Keras or bnseq) or functional,
+            built.
+        strict: bool. If `True`, raise instead of keeping a BatchNormalization
+            that cannot fold.
+
+    Returns:
+        A `keras.Sequential` for a Sequential model, a functional model for a
+        functional one.
+
+    Raises:
+        TypeError: if `model` is not a Sequential or functional model.
+        ValueError: if `model` is not built, or, with `strict=True`, if a
+            BatchNormalization cannot fold (the message lists each and why).
+
+    Example:
+
+    >>> model = bnseq.Sequential(
+    ...     [keras.Input((4,)), keras.layers.Dense(3, activation="relu")],
+    ...     batch_norm=True)
+    >>> folded = bnseq.fold(model)
+    >>> [type(layer).__name__ for layer in folded.layers]
+    ['Dense']
+    >>> folded.layers[0].get_config()["activation"]
+    'relu'
+    >>> x = np.ones((2, 4), "float32")
+    >>> bool(np.allclose(folded(x), model(x, training=False), atol=1e-6))
+    True
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "fold expects a keras.Model. "
+            f"Received: model={model!r} (of type {type(model).__name__})"
+        )
+    if not model.built:
+        raise ValueError(
+            f"{type(model).__name__} '{model.name}' is not built, so it has no "
+            "weights or statistics to fold. Build it (call it on data, or "
+            "start it with keras.Input) and train it first."
+        )
+    graph = graph_module.walk(model)
+    decisions = _decide(graph)
+    left = [decision for _, _, decision in decisions if not decision.folded]
+    if strict and left:
+        raise ValueError(
+            f"{len(left)} BatchNormalization layer(s) of model '{model.name}' "
+            "cannot be folded:\n" + "\n".join(f"- {decision}" for decision in left)
+        )
+    into = {id(producer): bn for bn, producer, _ in decisions if producer is not None}
+    activations = {
+        id(producer): activation
+        for bn, producer, _ in decisions
+        if producer is not None
+        for activation in [_activation_after(graph, bn)]
+        if activation is not None
+    }
+    return _Folder(into, activations).rewrite(model)
+
+
+def _activation_after(graph, bn):
+    """The `Activation` layer that alone takes `bn`'s output, to merge back.
+
+    With it merged into the linear layer's own `activation`, a folded unit is
+    exactly the layer a model without BatchNormalization would have.
+    """
+    consumers = graph.consumers(bn)
+    if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
+        return None
+    (activation,) = consumers
+    if not isinstance(activation, keras.layers.Activation):
+        return None
+    if graph.parents.get(id(activation)) is not graph.parents.get(id(bn)):
+        return None
+    return activation
+
+
+class _Folder:
+    def __init__(self, into, activations):
+        self.into = into  # id(linear layer) -> the BatchNormalization it absorbs
+        self.activations = activations  # id(linear layer) -> Activation it takes
+        # Layers that disappear: folded BatchNormalization, merged Activation.
+        self.gone = {id(bn) for bn in into.values()} | {
+            id(activation) for activation in activations.values()
+        }
+        self.clones = []  # (original, clone) pairs whose weights are copied
+
+    def rewrite(self, model):
+        if isinstance(model, keras.Sequential):
+            result = self._sequential(model)
+        elif graph_module.functional_config(model) is not None:
+            result = self._functional(model)
+        else:
+            raise TypeError(
+                f"fold reads Sequential and functional models; "
+                f"{type(model).__name__} '{model.name}' is a subclassed model."
+            )
+        for original, clone in self.clones:
+            self._copy_weights(original, clone)
+        self.clones = []
+        return result
+
+    def _clone(self, layer):
+        if isinstance(layer, keras.Model):
+            return _Folder(self.into, self.activations).rewrite(layer)
+        if id(layer) in self.into:
+            config = layer.get_config()
+            config["use_bias"] = True
+            activation = self.activations.get(id(layer))
+            if activation is not None:
+                activation_config = activation.get_config()
+                config["activation"] = activation_config["activation"]
+                if activation.activity_regularizer is not None:
+                    config["activity_regularizer"] = activation_config["activity_regularizer"]
+            clone = layer.__class__.from_config(config)
+        else:
+            clone = rewrite.fresh_copy(layer)
+        if id(layer) not in self.gone:  # a layer that is gone is never called
+            self.clones.append((layer, clone))
+        return clone
+
+    def _copy_weights(self, original, clone):
+        if not isinstance(original, keras.Layer) or not original.weights:
+            return
+        if id(original) in self.into:
+            clone.set_weights(folded_weights(original, self.into[id(original)]))
+        else:
+            clone.set_weights(original.get_weights())
+
+    def _sequential(self, model):
+        result = keras.Sequential(name=model.name, trainable=model.trainable)
+        inputs = model.inputs
+        result.add(keras.Input(batch_shape=inputs[0].shape, dtype=inputs[0].dtype), rebuild=False)
+        for layer in model.layers:
+            if id(layer) not in self.gone:
+                result.add(self._clone(layer), rebuild=False)
+        result.build(inputs[0].shape)
+        return result
+
+    def _functional(self, model):
+        def call_function(layer, *args, **kwargs):
+            if id(layer) in skipped:
+                return args[0]
+            return layer(*args, **kwargs)
+
+        skipped = set()
+
+        def clone_function(layer):
+            clone = self._clone(layer)
+            if id(layer) in self.gone:
+                skipped.add(id(clone))
+            return clone
+
+        return keras.models.clone_model(
+            model, clone_function=clone_function, call_function=call_function
+        )
+
+
+def probe_difference(model, folded, batch_size=2, seed=0):
+    """The largest output difference between two models on a random input.
+
+    Both run in inference mode on the same standard-normal probe (unknown
+    dimensions other than the batch are taken as 8).
+
+    Returns:
+        (largest absolute difference, that divided by the largest absolute
+        output of `model`).
+    """
+    rng = np.random.default_rng(seed)
+    probe = [
+        rng.standard_normal(
+            [batch_size] + [8 if size is None else size for size in tensor.shape[1:]]
+        ).astype(tensor.dtype)
+        for tensor in model.inputs
+    ]
+    probe = probe[0] if len(probe) == 1 else probe
+    expected = keras.tree.flatten(model(probe, training=False))
+    actual = keras.tree.flatten(folded(probe, training=False))
+    difference = scale = 0.0
+    for a, b in zip(expected, actual):
+        a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+        difference = max(difference, float(np.max(np.abs(a - b))))
+        scale = max(scale, float(np.max(np.abs(a))))
+    return difference, difference / scale if scale else difference

@@ -1,0 +1,365 @@
+"""bnseq.fold: the folded model computes what the original computes, in inference."""
+
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import bnseq
+from bnseq.fold import batch_norm_affine
+from bnseq.fold import folded_weights
+from bnseq.fold import scale_kernel
+
+RNG = np.random.default_rng(0)
+
+
+def randomize_statistics(model, rng=RNG):
+    """Non-trivial BatchNormalization statistics and affine parameters."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, channels))
+            layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.5, channels))
+    return model
+
+
+def relative_error(model, folded, x):
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    actual = keras.ops.convert_to_numpy(folded(x, training=False))
+    return float(np.max(np.abs(expected - actual)) / np.max(np.abs(expected)))
+
+
+def single(layer, input_shape, batch_norm_kwargs=None, bias=False):
+    """Input -> layer -> BatchNormalization on its channel axis -> ReLU."""
+    model = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layer,
+            layers.BatchNormalization(
+                axis=bnseq.rules.channel_axis(layer), **(batch_norm_kwargs or {})
+            ),
+            layers.ReLU(),
+        ]
+    )
+    if bias:  # a non-zero bias, to check `s * (bias - mean) + beta`
+        layer.bias.assign(RNG.normal(size=layer.bias.shape))
+    return randomize_statistics(model)
+
+
+CF, CL = "channels_first", "channels_last"
+CASES = {
+    "dense": (lambda f: layers.Dense(6), (5,)),
+    "dense_sequence": (lambda f: layers.Dense(6), (3, 5)),
+    "conv1d": (lambda f: layers.Conv1D(6, 3, strides=2, data_format=f), (4, 9)),
+    "conv1d_dilated": (lambda f: layers.Conv1D(6, 3, dilation_rate=2, data_format=f), (4, 9)),
+    "conv2d": (lambda f: layers.Conv2D(6, 3, strides=2, padding="same", data_format=f), (4, 7, 7)),
+    "conv2d_groups": (lambda f: layers.Conv2D(6, 3, groups=2, data_format=f), (4, 6, 6)),
+    "conv3d": (lambda f: layers.Conv3D(5, 2, data_format=f), (3, 4, 4, 4)),
+    "conv1d_transpose": (lambda f: layers.Conv1DTranspose(6, 3, strides=2, data_format=f), (4, 5)),
+    "conv2d_transpose": (lambda f: layers.Conv2DTranspose(6, 3, strides=2, data_format=f), (4, 5, 5)),
+    "conv3d_transpose": (lambda f: layers.Conv3DTranspose(5, 2, data_format=f), (3, 3, 3, 3)),
+    "depthwise1d": (lambda f: layers.DepthwiseConv1D(3, depth_multiplier=2, data_format=f), (4, 8)),
+    "depthwise2d": (lambda f: layers.DepthwiseConv2D(3, depth_multiplier=3, strides=2, data_format=f), (4, 7, 7)),
+    "depthwise2d_m1": (lambda f: layers.DepthwiseConv2D(3, data_format=f), (4, 7, 7)),
+    "separable1d": (lambda f: layers.SeparableConv1D(6, 3, depth_multiplier=2, data_format=f), (4, 9)),
+    "separable2d": (lambda f: layers.SeparableConv2D(6, 3, dilation_rate=2, data_format=f), (4, 8, 8)),
+}
+
+
+def _shape(shape, data_format):
+    """`shape` is written channels first; move the channels for channels_last."""
+    if data_format == CF or len(shape) == 1:
+        return shape
+    return (*shape[1:], shape[0])
+
+
+@pytest.mark.parametrize("data_format", [CL, CF])
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_every_layer_kind_and_data_format(case, data_format, use_bias):
+    make, shape = CASES[case]
+    layer = make(data_format)
+    layer.use_bias = use_bias
+    if case.startswith("dense"):
+        shape = shape  # Dense has no data_format
+    else:
+        shape = _shape(shape, data_format)
+    model = single(layer, shape, bias=use_bias)
+    folded = bnseq.fold(model)
+    assert [type(each).__name__ for each in folded.layers] == [type(layer).__name__, "ReLU"]
+    # A ReLU layer stays: only `Activation` layers merge back into the layer.
+    assert folded.layers[0].use_bias
+    x = RNG.normal(size=(3, *shape)).astype("float32")
+    assert relative_error(model, folded, x) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"center": False}, {"scale": False}, {"center": False, "scale": False}, {"epsilon": 0.5}],
+)
+def test_batch_norm_options(options):
+    model = single(layers.Conv2D(4, 3), (6, 6, 3), batch_norm_kwargs=options)
+    folded = bnseq.fold(model)
+    assert len(folded.layers) == 2
+    assert relative_error(model, folded, RNG.normal(size=(2, 6, 6, 3)).astype("float32")) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: layers.Conv2D(4, 3, padding="same", data_format=CF), (3, 5, 4)),
+        (lambda: layers.Conv1D(4, 1, data_format=CF), (3, 4)),
+        (lambda: layers.DepthwiseConv2D(3, padding="same", data_format=CF), (4, 6, 4)),
+        (lambda: layers.Conv2DTranspose(5, 1, data_format=CF), (3, 2, 5)),
+    ],
+)
+def test_channels_first_layer_whose_last_spatial_size_equals_its_channels(make, shape):
+    """The hazard: TensorFlow's `ops.add` has put such biases on the last axis.
+
+    Whatever the backend does, the folded model must compute what the original
+    computes, in eager calls as well as in `predict`; where the backend
+    misplaces the bias, the BatchNormalization is kept and says why.
+    """
+    model = single(make(), shape)
+    layer = model.layers[0]
+    assert layer.output.shape[1] == layer.output.shape[-1]
+    folded = bnseq.fold(model)
+    x = RNG.normal(size=(2, *shape)).astype("float32")
+    assert relative_error(model, folded, x) <= 1e-5
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
+    (decision,) = bnseq.fold_report(model)
+    bias = keras.ops.convert_to_numpy(
+        keras.ops.add(keras.ops.zeros((1, 2, 1, 2)), keras.ops.reshape(keras.ops.convert_to_tensor([0.0, 1.0]), (1, 2, 1, 1)))
+    )
+    if np.allclose(bias[0, :, 0, 0], [0.0, 1.0]):
+        assert decision.folded
+    else:
+        assert not decision.folded
+        assert decision.reason == (
+            f"{type(layer).__name__} '{layer.name}' is channels_first with as many channels as its "
+            "last spatial size, where this Keras backend adds a bias along the last axis in eager "
+            "calls; folding would change the outputs"
+        )
+
+
+def test_fold_math_matches_batch_normalization():
+    """The affine map of a BatchNormalization, against Keras's own layer."""
+    bn = layers.BatchNormalization(epsilon=0.01)
+    bn.build((None, 3))
+    randomize_statistics(keras.Sequential([keras.Input((3,)), bn]))
+    x = RNG.normal(size=(4, 3))
+    scale, shift = batch_norm_affine(
+        bn.moving_mean.numpy(), bn.moving_variance.numpy(), 0.01, bn.gamma.numpy(), bn.beta.numpy()
+    )
+    expected = keras.ops.convert_to_numpy(bn(x.astype("float32"), training=False))
+    np.testing.assert_allclose(x * scale + shift, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_output_channel_order():
+    """Output channel `c * multiplier + m` is kernel entry `[..., c, m]`."""
+    kernel = np.ones((1, 2, 3))
+    scaled = scale_kernel(kernel, np.arange(6.0), "depthwise")
+    assert scaled[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match=re.escape("Unknown kernel layout. Received: layout='sideways'")):
+        scale_kernel(kernel, np.ones(6), "sideways")
+
+
+def test_folded_weights_keep_the_variable_dtype():
+    model = single(layers.Dense(3, dtype="float64"), (4,))
+    weights = folded_weights(model.layers[0], model.layers[1])
+    assert [w.dtype for w in weights] == [np.float64, np.float64]
+
+
+def test_trained_bnseq_model():
+    model = bnseq.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.Flatten(),
+            layers.Dense(5, activation="relu"),
+            layers.Dense(2),
+        ],
+        batch_norm={"momentum": 0.5},
+    )
+    x = RNG.normal(size=(32, 8, 8, 2)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, RNG.normal(size=(32, 2)), epochs=3, batch_size=8, verbose=0)
+    weights = [w.copy() for w in model.get_weights()]
+    folded = bnseq.fold(model)
+    assert type(folded) is keras.Sequential
+    assert [type(layer).__name__ for layer in folded.layers] == ["Conv2D", "Flatten", "Dense", "Dense"]
+    assert [layer.get_config()["activation"] for layer in folded.layers[::2]] == ["relu", "relu"]
+    assert relative_error(model, folded, x) <= 1e-5
+    for before, after in zip(weights, model.get_weights()):  # original untouched
+        np.testing.assert_array_equal(before, after)
+    assert len(model.layers) == 9
+
+
+def test_nested_models_fold_and_result_is_plain_keras(tmp_path):
+    inner = bnseq.Sequential(
+        [keras.Input((6,)), layers.Dense(4, activation="relu")], batch_norm=True, name="inner"
+    )
+    inputs = keras.Input((5,))
+    x = layers.Dense(6, use_bias=False)(inputs)
+    x = layers.BatchNormalization()(x)
+    model = keras.Model(inputs, inner(x))
+    randomize_statistics(model)
+    folded = bnseq.fold(model)
+    kinds = [type(layer) for layer in folded._flatten_layers()]
+    assert layers.BatchNormalization not in kinds
+    assert bnseq.Sequential not in kinds
+    assert all(kind.__module__.startswith("keras.") for kind in kinds)
+    assert relative_error(model, folded, RNG.normal(size=(3, 5)).astype("float32")) <= 1e-5
+
+    # Loadable where bnseq cannot be imported.
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    script = (
+        "import sys; sys.modules['bnseq'] = None\n"
+        "import keras\n"
+        f"model = keras.saving.load_model({str(path)!r})\n"
+        "print(len(model.layers))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(len(folded.layers))
+
+
+def test_shared_layers_and_model_outputs_stay_correct():
+    inputs = keras.Input((4,))
+    dense = layers.Dense(4, use_bias=False, name="d")
+    bn = layers.BatchNormalization(name="bn")
+    y = dense(inputs)
+    model = keras.Model(inputs, [bn(y), y])  # `d`'s output is also a model output
+    randomize_statistics(model)
+    report = bnseq.fold_report(model)
+    assert [(d.batch_norm, d.folded) for d in report] == [("bn", False)]
+    assert report[0].reason == "the output of Dense 'd' is also used elsewhere"
+    folded = bnseq.fold(model)
+    x = RNG.normal(size=(2, 4)).astype("float32")
+    for a, b in zip(model(x, training=False), folded(x, training=False)):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-6)
+
+
+def test_report_gives_each_reason():
+    inputs = keras.Input((4, 4, 3))
+    first = layers.BatchNormalization(name="first")(inputs)
+    relu = layers.Conv2D(3, 1, activation="relu", name="relu_conv")(first)
+    after_act = layers.BatchNormalization(name="after_act")(relu)
+    pooled = layers.BatchNormalization(name="after_pool")(layers.MaxPooling2D(name="pool")(after_act))
+    wrong = layers.Conv2D(3, 1, name="conv")(pooled)
+    wrong_axis = layers.BatchNormalization(axis=1, name="wrong_axis")(wrong)
+    a = layers.Conv2D(3, 1, name="a")(wrong_axis)
+    b = layers.Conv2D(3, 1, name="b")(wrong_axis)
+    merged = layers.BatchNormalization(name="merged")(layers.Add(name="add")([a, b]))
+    ok = layers.BatchNormalization(name="ok")(layers.Conv2D(3, 1, name="c")(merged))
+    model = keras.Model(inputs, ok)
+    assert [str(decision) for decision in bnseq.fold_report(model)] == [
+        "first: kept, it takes a model input",
+        "after_act: kept, Conv2D 'relu_conv' applies its activation before it; only a linear "
+        "layer with the identity activation folds",
+        "after_pool: kept, it follows MaxPooling2D 'pool', which is not a linear layer",
+        "wrong_axis: kept, its axis 1 is not the channel axis of Conv2D 'conv'",
+        "merged: kept, it follows Add 'add', which is not a linear layer",
+        "ok: folded into c",
+    ]
+    randomize_statistics(model)
+    folded = bnseq.fold(model)
+    assert sum(isinstance(layer, layers.BatchNormalization) for layer in folded.layers) == 5
+    x = RNG.normal(size=(2, 4, 4, 3)).astype("float32")
+    assert relative_error(model, folded, x) <= 1e-5
+
+    with pytest.raises(ValueError) as error:
+        bnseq.fold(model, strict=True)
+    assert str(error.value) == (
+        f"5 BatchNormalization layer(s) of model '{model.name}' cannot be folded:\n"
+        "- first: kept, it takes a model input\n"
+        "- after_act: kept, Conv2D 'relu_conv' applies its activation before it; only a "
+        "linear layer with the identity activation folds\n"
+        "- after_pool: kept, it follows MaxPooling2D 'pool', which is not a linear layer\n"
+        "- wrong_axis: kept, its axis 1 is not the channel axis of Conv2D 'conv'\n"
+        "- merged: kept, it follows Add 'add', which is not a linear layer"
+    )
+
+
+def test_batch_norm_in_another_model_than_its_producer_is_kept():
+    inner = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(name="inner_bn")])
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, inner(layers.Dense(3, use_bias=False, name="d")(inputs)))
+    (decision,) = bnseq.fold_report(model)
+    assert str(decision) == "inner_bn: kept, it is in a different model than Dense 'd'"
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=re.escape("fold expects a keras.Model. Received: model=")):
+        bnseq.fold(layers.Dense(2))
+    unbuilt = keras.Sequential([layers.Dense(2)], name="later")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Sequential 'later' is not built, so it has no weights or statistics to fold."
+        ),
+    ):
+        bnseq.fold(unbuilt)
+
+
+@pytest.mark.parametrize(
+    "name, input_shape",
+    [("ResNet50", (64, 64, 3)), ("MobileNetV2", (64, 64, 3)), ("Xception", (75, 75, 3))],
+)
+def test_keras_applications(name, input_shape):
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=input_shape, classes=10, classifier_activation=None
+    )
+    randomize_statistics(model, np.random.default_rng(1))
+    report = bnseq.fold_report(model)
+    assert report and all(decision.folded for decision in report)
+    folded = bnseq.fold(model, strict=True)
+    assert not any(isinstance(layer, layers.BatchNormalization) for layer in folded.layers)
+    x = np.random.default_rng(2).normal(size=(2, *input_shape)).astype("float32")
+    assert relative_error(model, folded, x) <= 1e-4
+
+
+def test_folded_units_are_the_architecture_without_batch_norm():
+    """Activation layers merge back: the folded model is the no-BN model."""
+    stack = [
+        layers.Conv2D(4, 3, activation="relu"),
+        layers.DepthwiseConv2D(3, activation="tanh", activity_regularizer="l2"),
+        layers.Flatten(),
+        layers.Dense(5, activation=keras.activations.gelu),
+        layers.Dense(3),
+    ]
+    model = randomize_statistics(
+        bnseq.Sequential([keras.Input((9, 9, 2)), *stack], batch_norm=True)
+    )
+    folded = bnseq.fold(model)
+    plain = keras.Sequential(
+        [
+            keras.Input((9, 9, 2)),
+            layers.Conv2D(4, 3, activation="relu"),
+            layers.DepthwiseConv2D(3, activation="tanh", activity_regularizer="l2"),
+            layers.Flatten(),
+            layers.Dense(5, activation=keras.activations.gelu),
+            layers.Dense(3),
+        ]
+    )
+
+    def structure(m):
+        return [
+            {k: v for k, v in layer.get_config().items() if k not in ("name", "kernel_initializer")}
+            for layer in m.layers
+        ]
+
+    assert structure(folded) == structure(plain)
+    x = RNG.normal(size=(2, 9, 9, 2)).astype("float32")
+    assert relative_error(model, folded, x) <= 1e-5
