@@ -287,12 +287,21 @@ def placement_problems(producer, batch_norm_layer):
     if is_linear(producer) and producer.use_bias:
         wasted = _bias_size(producer)
         size = f"{wasted} parameters" if wasted is not None else "parameters"
+        if is_identity(producer.activation):
+            why = (
+                f"adds a bias that {describe(batch_norm_layer)} subtracts again "
+                f"({size} wasted)"
+            )
+        else:
+            why = (
+                f"adds a bias that is redundant once {describe(batch_norm_layer)} "
+                "moves before the activation, where its `beta` does the bias's "
+                f"job ({size} wasted)"
+            )
         problems.append(
             (
                 "BN001",
-                f"{describe(producer)} adds a bias that "
-                f"{describe(batch_norm_layer)} subtracts again "
-                f"({size} wasted). Write "
+                f"{describe(producer)} {why}. Write "
                 f"`{type(producer).__name__}(..., use_bias=False)`, "
                 "or let bnseq.Sequential(batch_norm=True) do it.",
             )

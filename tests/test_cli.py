@@ -36,12 +36,35 @@ def test_unknown_command(capsys):
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
 
 
-def test_demo(capsys):
-    assert cli.main(["demo"]) == 0
+def test_demo(capsys, tmp_path):
+    plot = tmp_path / "demo.png"
+    assert cli.main(["demo", "--epochs", "2", "--seed", "1", "--out", str(plot)]) == 0
     out = capsys.readouterr().out
-    assert 'Model: "by_hand"' in out and 'Model: "bnseq"' in out
-    assert "Parameters: by hand 30,735,202, bnseq 30,735,202 (identical)." in out
-    assert "132 parameters (conv2d" in out
+    lines = out.splitlines()
+    assert lines[0].startswith("Digits (scikit-learn, 8x8): 1347 training and 450 test images.")
+    assert "2 epochs, seed 1." in lines[0]
+    epoch_lines = [line for line in lines if " epoch " in line]
+    assert len(epoch_lines) == 3 * 2  # one line per epoch per network
+    header = lines.index(next(line for line in lines if line.startswith("network ")))
+    assert lines[header].split() == ["network", "parameters", "wasted", "on", "biases", "test", "accuracy", "training", "time"]
+    table = [line.split() for line in lines[header + 1 : header + 4]]
+    assert [row[0] for row in table] == ["no", "naive", "bnseq"]
+    plain, naive, ours = table
+    assert plain[3:5] == ["27,710", "0"]
+    assert naive[2:4] == ["28,910", "300"] and ours[1:3] == ["28,610", "0"]
+    assert all(0.0 <= float(row[-3]) <= 1.0 for row in table)
+    assert "3 of 3 BatchNormalization layers folded, 10 -> 4 layers" in out
+    assert "The naive network: 0 of 3 BatchNormalization layers can fold" in out
+    assert "bnseq.lint of the naive network: 6 findings" in out
+    assert f"Plot of test accuracy against training step: {plot}" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rejects_a_bad_epoch_count(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", "--epochs", "0"])
+    assert exit.value.code == 2
+    assert "argument --epochs: must be at least 1, not 0" in capsys.readouterr().err
 
 
 def test_python_dash_m():
@@ -82,7 +105,7 @@ def test_lint_findings_exit_1_one_line_each(model_files, capsys):
     assert cli.main(["lint", str(clean), str(messy)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[:3] for line in lines] == [
-        [str(messy), "bn", "BN001 Dense 'd' adds a bias that BatchNormalization 'bn' subtracts again (3 parameters wasted). Write `Dense(..., use_bias=False)`, or let bnseq.Sequential(batch_norm=True) do it."],
+        [str(messy), "bn", "BN001 Dense 'd' adds a bias that is redundant once BatchNormalization 'bn' moves before the activation, where its `beta` does the bias's job (3 parameters wasted). Write `Dense(..., use_bias=False)`, or let bnseq.Sequential(batch_norm=True) do it."],
         [str(messy), "bn", "BN002 BatchNormalization 'bn' comes after the nonlinearity of Dense 'd'; it belongs between the linear layer and its activation. Write the linear layer without activation, then BatchNormalization, then the activation as its own layer, or let bnseq.Sequential(batch_norm=True) do it."],
     ]
 

@@ -32,6 +32,17 @@ def test_bn001_bias_before_batch_norm():
     assert str(finding) == f"bn: BN001 {finding.message}"
 
 
+def test_bn001_after_a_nonlinear_producer_says_why_the_bias_is_redundant():
+    model = seq(layers.Dense(5, activation="relu", name="d"), layers.BatchNormalization(name="bn"))
+    bn001, bn002 = bnseq.lint(model)
+    assert bn001.message == (
+        "Dense 'd' adds a bias that is redundant once BatchNormalization 'bn' moves before the "
+        "activation, where its `beta` does the bias's job (5 parameters wasted). Write "
+        "`Dense(..., use_bias=False)`, or let bnseq.Sequential(batch_norm=True) do it."
+    )
+    assert bn002.code == "BN002"
+
+
 def test_bn001_near_miss_no_bias():
     assert codes(seq(layers.Dense(5, use_bias=False), layers.BatchNormalization())) == []
 
