@@ -243,6 +243,15 @@ def _check_values(options, where, received):
     for key in ("center", "scale", "synchronized", "renorm"):
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"{where}: `{key}` must be True or False. {received}")
+    backend = keras.backend.backend()
+    if options.get("synchronized") and backend != "tensorflow":
+        raise ValueError(
+            f"{where}: `synchronized=True` needs the TensorFlow backend, where Keras "
+            "all-reduces the batch statistics across the replicas of a "
+            f"tf.distribute strategy; this process runs the {backend} backend. "
+            "Set KERAS_BACKEND=tensorflow before importing Keras, or leave "
+            f"`synchronized` out. {received}"
+        )
     try:
         probe = layers.BatchNormalization(**options)
     except (TypeError, ValueError) as error:

@@ -187,7 +187,7 @@ def test_other_layers_pass_through_untouched():
 def test_activity_regularizer_moves_to_the_end_of_the_unit():
     regularizer = keras.regularizers.L2(0.5)
     ours = bnseq.Sequential([keras.Input((3,))], batch_norm=True)
-    ours.add(layers.Dense(2, activation="relu", activity_regularizer=regularizer))
+    ours.add(layers.Dense(2, activation="tanh", activity_regularizer=regularizer))
     assert ours.layers[0].activity_regularizer is None
     assert ours.layers[-1].activity_regularizer is regularizer
     theirs = keras.Sequential(
@@ -195,7 +195,7 @@ def test_activity_regularizer_moves_to_the_end_of_the_unit():
             keras.Input((3,)),
             layers.Dense(2, use_bias=False),
             layers.BatchNormalization(),
-            layers.Activation("relu", activity_regularizer=regularizer),
+            layers.Activation("tanh", activity_regularizer=regularizer),
         ]
     )
     theirs.set_weights(ours.get_weights())
