@@ -17,8 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 BENCHMARKS = {
+    "build": ("Building by add()", "benchmarks.build"),
+    "load": ("Loading with keras.saving.load_model", "benchmarks.load"),
+    "train": ("Training: one epoch of fit", "benchmarks.train"),
+    "memory": ("Memory: biases removed", "benchmarks.memory"),
     "fold": ("Inference after folding", "benchmarks.fold_inference"),
 }
+PLOT = "build_time.png"
 
 
 def main(argv=None):
@@ -33,8 +38,13 @@ def main(argv=None):
     for key in args.only or BENCHMARKS:
         title, module_name = BENCHMARKS[key]
         start = time.perf_counter()
-        markdown, _ = importlib.import_module(module_name).run(quick=args.quick)
+        module = importlib.import_module(module_name)
+        markdown, results = module.run(quick=args.quick)
         section = f"## {title}\n\n{markdown}\n\n({time.perf_counter() - start:.0f} s to measure)\n"
+        if key == "build" and not args.quick:
+            plot_path = os.path.join(os.path.dirname(args.out), PLOT)
+            module.plot(results, plot_path)
+            section += f"\n![Build time against depth]({PLOT})\n"
         print(section, flush=True)
         sections.append(section)
     if not args.quick:

@@ -685,3 +685,58 @@ def test_error_conflicting_activity_regularizers():
     ):
         model.add(dense)
     assert model.layers == []
+
+
+# Incremental build -------------------------------------------------------------
+
+
+class CountingDense(layers.Dense):
+    """A Dense that counts how often it is traced or run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_add_traces_only_the_new_layers():
+    model = bnseq.Sequential([keras.Input((4,))], batch_norm=True)
+    first = CountingDense(4, activation="relu")
+    model.add(first)
+    for _ in range(5):
+        model.add(layers.Dense(4, activation="relu"))
+    assert first.calls == 1  # keras.Sequential would have traced it 6 times
+    plain = keras.Sequential([keras.Input((4,))])
+    counted = CountingDense(4)
+    plain.add(counted)
+    for _ in range(5):
+        plain.add(layers.Dense(4))
+    assert counted.calls == 6
+
+
+def test_incremental_graph_computes_what_a_full_build_computes():
+    model = bnseq.Sequential([keras.Input((5,))], batch_norm=True)
+    for units in (6, 4, 3):
+        model.add(layers.Dense(units, activation="tanh"))
+    model.add(layers.Dense(2), batch_norm=False)
+    rebuilt = bnseq.Sequential.from_config(model.get_config())  # built in one go
+    rebuilt.set_weights(model.get_weights())
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype("float32")
+    for training in (False, True):
+        a = keras.ops.convert_to_numpy(model(x, training=training))
+        b = keras.ops.convert_to_numpy(rebuilt(x, training=training))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert model.output_shape == (None, 2)
+
+
+def test_pop_then_add_rebuilds_correctly():
+    model = bnseq.Sequential([keras.Input((5,))], batch_norm=True)
+    model.add(layers.Dense(4, activation="relu"))
+    model.add(layers.Dense(3, activation="relu"))
+    model.pop()
+    model.add(layers.Dense(7))
+    assert model.output_shape == (None, 7)
+    assert model(np.ones((2, 5), "float32")).shape == (2, 7)
