@@ -1,5 +1,7 @@
 """The one graph walker: Sequential, functional, nested, ops, shared layers."""
 
+import re
+
 import keras
 import pytest
 from keras import layers
@@ -107,3 +109,20 @@ def test_as_model_errors(tmp_path):
     text.write_text("not a model")
     with pytest.raises(ValueError, match="is not a .keras file \\(a .keras file is a zip archive"):
         graph.as_model(text)
+
+
+def test_inconsistent_config_is_reported():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layers.Dense(2, name="d")(inputs), name="broken")
+    config = model.get_config()
+    history = config["layers"][1]["inbound_nodes"][0]["args"][0]["config"]["keras_history"]
+    history[0] = "nowhere"  # refers to a layer call the model does not contain
+    model.get_config = lambda: config
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Cannot order the layers of model 'broken': its config refers to layer "
+            "calls it does not contain."
+        ),
+    ):
+        graph.walk(model)
