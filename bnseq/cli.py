@@ -128,6 +128,7 @@ if __name__ == "__main__":
 
 def _fold(input_path, output_path, strict):
     # `bnseq.fold` is the function; the module's helpers come from bnseq.fold.
+    from bnseq.fold import _fold_with_report
     from bnseq.fold import probe_difference
 
     try:
@@ -136,9 +137,8 @@ def _fold(input_path, output_path, strict):
         return _fail(str(error).splitlines()[0])
     if not str(output_path).endswith(".keras"):
         return _fail(f"the output file must end in .keras. Received: {output_path}")
-    report = bnseq.fold_report(model)
     try:
-        folded = bnseq.fold(model, strict=strict)
+        folded, report = _fold_with_report(model, strict=strict)
     except ValueError as error:
         print(f"bnseq: {error}", file=sys.stderr)
         return 1

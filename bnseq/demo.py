@@ -16,6 +16,7 @@ from keras import layers
 
 import bnseq
 from bnseq import rules
+from bnseq.fold import _fold_with_report
 
 # Three sigmoid layers of 100 units trained with plain SGD: the setting of
 # Figure 1 of Ioffe & Szegedy (2015), where batch normalization matters most.
@@ -193,12 +194,11 @@ def run(epochs=15, seed=0, out="bnseq-demo.png", print_fn=print):
         print_fn("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
 
     model = results["bnseq"][0]
-    folded = bnseq.fold(model)
+    folded, report = _fold_with_report(model)
     difference = float(
         np.max(np.abs(model.predict_on_batch(x_test) - folded.predict_on_batch(x_test)))
     )
     ratio = inference_ratio(model, folded, x_test)
-    report = bnseq.fold_report(model)
     print_fn(
         f"\nFolded the bnseq network for inference: {sum(d.folded for d in report)} of "
         f"{len(report)} BatchNormalization layers folded, {len(model.layers)} -> "

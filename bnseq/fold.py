@@ -315,6 +315,15 @@ def fold(model, *, strict=False):
     >>> bool(np.allclose(keras.ops.convert_to_numpy(folded(x)), expected, atol=1e-6))
     True
     """
+    return _fold_with_report(model, strict=strict)[0]
+
+
+def _fold_with_report(model, *, strict=False):
+    """`fold(model)` and `fold_report(model)` from one reading of the model.
+
+    Returns:
+        (the folded model, list of `FoldDecision`).
+    """
     if not isinstance(model, keras.Model):
         raise TypeError(
             "fold expects a keras.Model. "
@@ -328,7 +337,8 @@ def fold(model, *, strict=False):
         )
     graph = graph_module.walk(model)
     decisions = _decide(graph)
-    left = [decision for _, _, decision in decisions if not decision.folded]
+    report = [decision for _, _, decision in decisions]
+    left = [decision for decision in report if not decision.folded]
     if strict and left:
         raise ValueError(
             f"{len(left)} BatchNormalization layer(s) of model '{model.name}' "
@@ -342,7 +352,7 @@ def fold(model, *, strict=False):
         for activation in [_activation_after(graph, bn)]
         if activation is not None
     }
-    return _Folder(into, activations).rewrite(model)
+    return _Folder(into, activations).rewrite(model), report
 
 
 def _activation_after(graph, bn):
