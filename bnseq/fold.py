@@ -225,7 +225,7 @@ def _why_not(graph, producer, bn):
             "outputs"
         )
     expected = 2 if isinstance(producer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)) else 1
-    if len(producer.get_weights()) != expected + int(producer.use_bias):
+    if len(producer.weights) != expected + int(producer.use_bias):
         return f"{rules.describe(producer)} has weights beyond kernel and bias (quantized or LoRA)"
     return None
 
