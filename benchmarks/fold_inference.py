@@ -95,7 +95,7 @@ def run(quick=False):
         expected = original.predict_on_batch(x)
         difference = float(np.max(np.abs(folded.predict_on_batch(x) - expected)))
         times = common.interleaved(
-            {label: (lambda m=model: m.predict_on_batch(x)) for label, model in models.items()},
+            {label: (lambda m=model, x=x: m.predict_on_batch(x)) for label, model in models.items()},
             rounds=rounds,
             calls=calls,
             warmup=2,

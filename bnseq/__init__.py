@@ -8,7 +8,8 @@ from bnseq.fold import fold
 from bnseq.fold import fold_report
 from bnseq.lint import Finding
 from bnseq.lint import lint
-from bnseq.rules import BatchNormPlacementWarning
+from bnseq.notices import BatchNormPlacementWarning
+from bnseq.notices import PlatformWarning
 from bnseq.sequential import Sequential
 from bnseq.sequential import with_batch_norm
 from bnseq.sequential import without_batch_norm
@@ -17,6 +18,7 @@ __all__ = [
     "BatchNormPlacementWarning",
     "Finding",
     "FoldDecision",
+    "PlatformWarning",
     "Sequential",
     "batch_normalize",
     "fold",

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from bnseq import graph as graph_module
+from bnseq import probes
 from bnseq import rewrite
 from bnseq import rules
 
@@ -230,19 +231,14 @@ def _why_not(graph, producer, bn):
     return None
 
 
-_BIAS_ADD_IS_SOUND = {}
-
-
 def _bias_lands_on_the_wrong_axis(layer):
     """Whether `layer`'s bias would be added along the wrong axis.
 
-    Keras 3.15's TensorFlow `ops.add` turns an add of a bias-like tensor into
-    `tf.nn.bias_add`, guessing the layout from the input's shape alone: a
-    `(1, C, 1, 1)` bias goes along the last axis whenever that axis also has
-    size `C` (eager calls; `predict`'s compiled graph is right). The layers'
-    own BatchNormalization is not affected, so folding would change outputs
-    exactly then. Whether the backend does this is probed once, not assumed
-    from a version number.
+    See `probes.bias_add_is_sound`: where the backend guesses the layout of a
+    bias from the input's shape, a channels_first layer whose last spatial size
+    equals its channel count gets its bias on the last axis in eager calls
+    (`predict`'s compiled graph is right). The layer's own BatchNormalization
+    is not affected, so folding would change outputs exactly then.
     """
     if rules.channel_axis(layer) != 1:
         return False
@@ -250,18 +246,7 @@ def _bias_lands_on_the_wrong_axis(layer):
         shape = layer.output.shape
     except (AttributeError, ValueError):
         return True  # unknown: keep the BatchNormalization, to be safe
-    if shape[-1] != shape[1]:
-        return False
-    backend = keras.backend.backend()
-    if backend not in _BIAS_ADD_IS_SOUND:
-        probe = keras.ops.add(
-            keras.ops.zeros((1, 2, 1, 2)),
-            keras.ops.reshape(keras.ops.convert_to_tensor([0.0, 1.0]), (1, 2, 1, 1)),
-        )
-        _BIAS_ADD_IS_SOUND[backend] = bool(
-            np.allclose(keras.ops.convert_to_numpy(probe)[0, :, 0, 0], [0.0, 1.0])
-        )
-    return not _BIAS_ADD_IS_SOUND[backend]
+    return shape[-1] == shape[1] and not probes.bias_add_is_sound()
 
 
 # The rewrite ----------------------------------------------------------------
@@ -457,7 +442,8 @@ def probe_difference(model, folded, batch_size=2, seed=0):
     """The largest output difference between two models on a random input.
 
     Both run in inference mode on the same standard-normal probe (unknown
-    dimensions other than the batch are taken as 8).
+    dimensions other than the batch are taken as 8), compiled by XLA where
+    this machine needs it (`probes.infer`).
 
     Returns:
         (largest absolute difference, that divided by the largest absolute
@@ -471,11 +457,10 @@ def probe_difference(model, folded, batch_size=2, seed=0):
         for tensor in model.inputs
     ]
     probe = probe[0] if len(probe) == 1 else probe
-    expected = keras.tree.flatten(model(probe, training=False))
-    actual = keras.tree.flatten(folded(probe, training=False))
+    expected = keras.tree.flatten(probes.infer(model, probe))
+    actual = keras.tree.flatten(probes.infer(folded, probe))
     difference = scale = 0.0
     for a, b in zip(expected, actual):
-        a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
         difference = max(difference, float(np.max(np.abs(a - b))))
         scale = max(scale, float(np.max(np.abs(a))))
     return difference, difference / scale if scale else difference

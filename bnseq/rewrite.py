@@ -11,6 +11,7 @@ import dataclasses
 import keras
 from keras import layers
 
+from bnseq import notices
 from bnseq import rules
 
 
@@ -188,7 +189,7 @@ def _warn_about_bias_arguments(layer, index):
     if not isinstance(layer.bias_initializer, keras.initializers.Zeros):
         ignored.append("bias_initializer")
     if ignored and layer.use_bias:
-        rules.warn(
+        notices.warn(
             f"{rules.describe(layer, index)} sets {', '.join(ignored)}, but "
             "bnseq removes its bias (the BatchNormalization after it has its "
             "own offset, `beta`), so these settings no longer apply. Remove "

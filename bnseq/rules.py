@@ -7,9 +7,6 @@ placement rules that `bnseq.Sequential` warns about and `bnseq.lint` reports.
 
 import difflib
 import inspect
-import os
-import sys
-import warnings
 
 import keras
 from keras import layers
@@ -64,32 +61,6 @@ BATCH_NORM_OPTIONS = tuple(
     if name not in ("self", "axis")
     and parameter.kind is not inspect.Parameter.VAR_KEYWORD
 )
-
-
-class BatchNormPlacementWarning(UserWarning):
-    """Warned when a BatchNormalization is placed where it wastes or hurts.
-
-    Every warning bnseq gives uses this category, so it can be filtered or
-    turned into an error in one line::
-
-        warnings.simplefilter("error", bnseq.BatchNormPlacementWarning)
-    """
-
-
-def warn(message):
-    """Warn with `BatchNormPlacementWarning`, pointing at the caller's line.
-
-    The warning is attributed to the first frame outside bnseq and Keras (a
-    layer list given to the constructor reaches `add()` through Keras), so
-    the user sees their own line, once per line with the default filter.
-    """
-    skipped = tuple(
-        os.path.dirname(path) + os.sep for path in (__file__, keras.__file__)
-    )
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skipped):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, BatchNormPlacementWarning, stacklevel=level + 1)
 
 
 def is_linear(layer):

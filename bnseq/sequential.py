@@ -4,6 +4,8 @@ import weakref
 
 import keras
 
+from bnseq import notices
+from bnseq import probes
 from bnseq import rewrite
 from bnseq import rules
 
@@ -141,11 +143,27 @@ class Sequential(keras.Sequential):
                 self._check_not_in_model(layer, index)
             if isinstance(layer, keras.layers.BatchNormalization) and self.layers:
                 for _, message in rules.placement_problems(self.layers[-1], layer):
-                    rules.warn(message)
+                    notices.warn(message)
             self._append([layer], rebuild)
-            return
+        else:
+            self._add_normalized(layer, options, rebuild, index)
+        probes.warn_once_if_channels_first_fails(layer)
 
-        self._add_normalized(layer, options, rebuild, index)
+    def compile(self, *args, **kwargs):
+        """Configures the model for training, as `keras.Model.compile`.
+
+        One difference, on machines where TensorFlow has no CPU kernels for
+        channels_first convolutions (`bnseq.PlatformWarning` says when):
+        `jit_compile="auto"` (the default) becomes `jit_compile=True` for a
+        model with channels_first layers, so that `fit`, `evaluate` and
+        `predict` run, compiled by XLA. Everywhere else, and for an explicit
+        `jit_compile`, this is Keras's own `compile`.
+        """
+        explicit = len(args) >= 8 or kwargs.get("jit_compile", "auto") != "auto"
+        eager = args[5] if len(args) > 5 else kwargs.get("run_eagerly", False)
+        if not explicit and not eager and probes.needs_xla(self):
+            kwargs["jit_compile"] = True
+        super().compile(*args, **kwargs)
 
     def _add_normalized(self, layer, options, rebuild, index, batch_norm_name=None):
         """Split `layer` into its normalized unit and append the unit."""

@@ -64,5 +64,8 @@ def test_trains_on_this_backend():
     folded = bnseq.fold(model)
     x = rng.normal(size=(4, 6)).astype("float32")
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(folded(x)), keras.ops.convert_to_numpy(model(x, training=False)), rtol=1e-5, atol=1e-5
+        keras.ops.convert_to_numpy(folded(x)),
+        keras.ops.convert_to_numpy(model(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
     )

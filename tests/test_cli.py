@@ -46,7 +46,9 @@ def test_demo(capsys, tmp_path):
     epoch_lines = [line for line in lines if " epoch " in line]
     assert len(epoch_lines) == 3 * 2  # one line per epoch per network
     header = lines.index(next(line for line in lines if line.startswith("network ")))
-    assert lines[header].split() == ["network", "parameters", "wasted", "on", "biases", "test", "accuracy", "training", "time"]
+    assert lines[header].split() == [
+        "network", "parameters", "wasted", "on", "biases", "test", "accuracy", "training", "time"
+    ]
     table = [line.split() for line in lines[header + 1 : header + 4]]
     assert [row[0] for row in table] == ["no", "naive", "bnseq"]
     plain, naive, ours = table
@@ -105,8 +107,21 @@ def test_lint_findings_exit_1_one_line_each(model_files, capsys):
     assert cli.main(["lint", str(clean), str(messy)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[:3] for line in lines] == [
-        [str(messy), "bn", "BN001 Dense 'd' adds a bias that is redundant once BatchNormalization 'bn' moves before the activation, where its `beta` does the bias's job (3 parameters wasted). Write `Dense(..., use_bias=False)`, or let bnseq.Sequential(batch_norm=True) do it."],
-        [str(messy), "bn", "BN002 BatchNormalization 'bn' comes after the nonlinearity of Dense 'd'; it belongs between the linear layer and its activation. Write the linear layer without activation, then BatchNormalization, then the activation as its own layer, or let bnseq.Sequential(batch_norm=True) do it."],
+        [
+            str(messy),
+            "bn",
+            "BN001 Dense 'd' adds a bias that is redundant once BatchNormalization 'bn' moves before "
+            "the activation, where its `beta` does the bias's job (3 parameters wasted). Write "
+            "`Dense(..., use_bias=False)`, or let bnseq.Sequential(batch_norm=True) do it.",
+        ],
+        [
+            str(messy),
+            "bn",
+            "BN002 BatchNormalization 'bn' comes after the nonlinearity of Dense 'd'; it belongs "
+            "between the linear layer and its activation. Write the linear layer without activation, "
+            "then BatchNormalization, then the activation as its own layer, or let "
+            "bnseq.Sequential(batch_norm=True) do it.",
+        ],
     ]
 
 
@@ -134,7 +149,10 @@ def test_lint_json_clean_is_an_empty_list(model_files, capsys):
     [
         (lambda d: d / "missing.keras", "No such file: '{path}'"),
         (lambda d: d, "'{path}' is a directory, not a .keras file"),
-        (lambda d: _write(d / "notes.txt", b"hello"), "'{path}' is not a .keras file (a .keras file is a zip archive written by `model.save()`)."),
+        (
+            lambda d: _write(d / "notes.txt", b"hello"),
+            "'{path}' is not a .keras file (a .keras file is a zip archive written by `model.save()`).",
+        ),
         (lambda d: _zip(d / "other.keras"), "Keras cannot load '{path}': "),
     ],
 )
@@ -251,8 +269,14 @@ def test_fold_strict_fails_and_writes_nothing(tmp_path, capsys):
     "arguments, expected",
     [
         (lambda d, good: [str(d / "missing.keras"), str(d / "out.keras")], "No such file: '{d}/missing.keras'"),
-        (lambda d, good: [str(_write(d / "x.keras", b"junk")), str(d / "out.keras")], "'{d}/x.keras' is not a .keras file"),
-        (lambda d, good: [str(good), str(d / "no" / "such" / "dir" / "out.keras")], "cannot write '{d}/no/such/dir/out.keras': "),
+        (
+            lambda d, good: [str(_write(d / "x.keras", b"junk")), str(d / "out.keras")],
+            "'{d}/x.keras' is not a .keras file",
+        ),
+        (
+            lambda d, good: [str(good), str(d / "no" / "such" / "dir" / "out.keras")],
+            "cannot write '{d}/no/such/dir/out.keras': ",
+        ),
         (lambda d, good: [str(good), str(d / "out.h5")], "the output file must end in .keras. Received: {d}/out.h5"),
     ],
 )

@@ -77,4 +77,6 @@ def test_trains_and_folds(mixed_policy, tmp_path):
     path = tmp_path / "mixed.keras"
     model.save(path)
     restored = keras.saving.load_model(path)
-    assert [l.dtype_policy.name for l in restored.layers] == [l.dtype_policy.name for l in model.layers]
+    assert [layer.dtype_policy.name for layer in restored.layers] == [
+        layer.dtype_policy.name for layer in model.layers
+    ]

@@ -1,0 +1,113 @@
+"""What this backend, on this machine, can compute: each probed once per process.
+
+bnseq decides on plain values everywhere else (`rules.py`); the two facts here
+depend on the Keras backend and the CPU, not on the model, so they are measured
+with a tiny computation instead of being assumed from a version number.
+
+- `bias_add_is_sound()`: Keras 3.15's TensorFlow `ops.add` turns an add of a
+  bias-shaped tensor into `tf.nn.bias_add`, guessing the layout from the input
+  shape alone, so a channels_first bias can land on the last axis.
+- `channels_first_runs()`: TensorFlow has CPU kernels for channels_first (NCHW)
+  convolutions and pooling only through oneDNN, which it turns on by default
+  only on CPUs with AVX-512 (keras-team/keras#23650). Elsewhere `model(x)`,
+  `predict` and `fit` raise `UnimplementedError`; the same graph compiled by
+  XLA runs.
+"""
+
+import functools
+import os
+
+import keras
+import numpy as np
+
+from bnseq import notices
+from bnseq import rules
+
+ONEDNN_ISSUE = "https://github.com/keras-team/keras/issues/23650"
+
+
+@functools.cache
+def bias_add_is_sound():
+    """Whether `ops.add` puts a `(1, C, 1, 1)` bias on axis 1 of `(1, C, 1, C)`."""
+    probe = keras.ops.add(
+        keras.ops.zeros((1, 2, 1, 2)),
+        keras.ops.reshape(keras.ops.convert_to_tensor([0.0, 1.0]), (1, 2, 1, 1)),
+    )
+    return bool(np.allclose(keras.ops.convert_to_numpy(probe)[0, :, 0, 0], [0.0, 1.0]))
+
+
+@functools.cache
+def channels_first_runs():
+    """Whether channels_first convolutions run outside XLA on this backend.
+
+    Probes a 1x1 convolution and a transposed convolution in NCHW; on
+    TensorFlow without oneDNN the first raises `UnimplementedError` and the
+    second `InvalidArgumentError`. Always `True` on JAX and PyTorch.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    image, kernel = tf.zeros((1, 1, 2, 2)), tf.zeros((1, 1, 1, 1))
+    try:
+        tf.nn.conv2d(image, kernel, 1, "VALID", data_format="NCHW")
+        tf.nn.conv2d_transpose(image, kernel, (1, 1, 2, 2), 1, data_format="NCHW")
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+    return True
+
+
+def has_channels_first_layers(layer):
+    """Whether `layer`, or any layer of a model, nested ones included, is channels_first."""
+    if getattr(layer, "data_format", None) == "channels_first":
+        return True
+    return any(has_channels_first_layers(each) for each in getattr(layer, "layers", ()))
+
+
+def needs_xla(model):
+    """Whether `model` (or a layer) only runs here when compiled by XLA."""
+    return not channels_first_runs() and has_channels_first_layers(model)
+
+
+def infer(model, inputs, training=False):
+    """`model(inputs, training=training)` as NumPy, on any machine (model or layer).
+
+    Called eagerly, except where `needs_xla(model)`: then the same call runs
+    compiled by XLA (`tf.function(jit_compile=True)`), which has its own
+    channels_first kernels.
+    """
+    if needs_xla(model):
+        import tensorflow as tf
+
+        call = tf.function(lambda x: model(x, training=training), jit_compile=True)
+        outputs = call(inputs)
+    else:
+        outputs = model(inputs, training=training)
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
+
+
+_warned = set()
+
+
+def warn_once_if_channels_first_fails(layer):
+    """Warn, once per process, when `layer` is channels_first and cannot run here."""
+    if getattr(layer, "data_format", None) != "channels_first":
+        return
+    if channels_first_runs() or "channels_first" in _warned:
+        return
+    _warned.add("channels_first")
+    flag = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    setting = "unset" if flag is None else f"={flag}"
+    notices.warn(
+        f"{rules.describe(layer)} is channels_first, and TensorFlow on this CPU "
+        "has no kernels for channels_first convolutions (they come with oneDNN, "
+        f"which is off: TF_ENABLE_ONEDNN_OPTS {setting}, and TensorFlow turns it on "
+        f"by default only on CPUs with AVX-512; {ONEDNN_ISSUE}). Eager calls such as `model(x)` "
+        "fail here with UnimplementedError. bnseq.Sequential.compile() turns "
+        "jit_compile='auto' into jit_compile=True for such a model, so fit, "
+        "evaluate and predict run compiled by XLA. Other fixes: "
+        "`model.compile(..., jit_compile=True)` for any model, "
+        "TF_ENABLE_ONEDNN_OPTS=1 set before TensorFlow is imported, the JAX or "
+        "PyTorch backend, or channels_last.",
+        category=notices.PlatformWarning,
+    )
