@@ -6,13 +6,14 @@ from bnseq.convert import batch_normalize
 from bnseq.fold import FoldDecision
 from bnseq.fold import fold
 from bnseq.fold import fold_report
+from bnseq.fold import fold_with_report
 from bnseq.lint import Finding
 from bnseq.lint import lint
+from bnseq.marks import with_batch_norm
+from bnseq.marks import without_batch_norm
 from bnseq.notices import BatchNormPlacementWarning
 from bnseq.notices import PlatformWarning
 from bnseq.sequential import Sequential
-from bnseq.sequential import with_batch_norm
-from bnseq.sequential import without_batch_norm
 
 __all__ = [
     "BatchNormPlacementWarning",
@@ -23,6 +24,7 @@ __all__ = [
     "batch_normalize",
     "fold",
     "fold_report",
+    "fold_with_report",
     "lint",
     "with_batch_norm",
     "without_batch_norm",

@@ -6,6 +6,11 @@ import sys
 
 import bnseq
 
+UNSAFE_HELP = (
+    "load files with Lambda layers (Keras's safe_mode=False, which runs the "
+    "Python code stored in the file): only for files you trust"
+)
+
 
 def _parser():
     parser = argparse.ArgumentParser(
@@ -45,6 +50,7 @@ def _parser():
         help="text (the default): one line per finding; json: a list of "
         "objects with file, layer, code, message and producer",
     )
+    lint.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     fold = commands.add_parser(
         "fold",
         help="fold BatchNormalization into the layers before it, for inference",
@@ -57,6 +63,7 @@ def _parser():
     )
     fold.add_argument("input", metavar="IN.keras")
     fold.add_argument("output", metavar="OUT.keras")
+    fold.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     fold.add_argument(
         "--strict",
         action="store_true",
@@ -76,9 +83,9 @@ def main(argv=None):
             return _fail(f"{error}. Install the demo extra: pip install 'bnseq[demo]'")
         return demo.run(epochs=args.epochs, seed=args.seed, out=args.out)
     if args.command == "lint":
-        return _lint(args.paths, args.format)
+        return _lint(args.paths, args.format, not args.unsafe)
     if args.command == "fold":
-        return _fold(args.input, args.output, args.strict)
+        return _fold(args.input, args.output, args.strict, not args.unsafe)
     parser.print_help()
     return 2
 
@@ -96,12 +103,12 @@ def _fail(message):
     return 2
 
 
-def _lint(paths, output_format):
+def _lint(paths, output_format, safe_mode):
     """Lint every path; a file that cannot be read makes the status 2."""
     results, failed = [], False
     for path in paths:
         try:
-            findings = bnseq.lint(path)
+            findings = bnseq.lint(path, safe_mode=safe_mode)
         except (OSError, ValueError) as error:
             failed = True
             _fail(str(error).splitlines()[0])
@@ -122,23 +129,18 @@ def _lint(paths, output_format):
     return 1 if results else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-def _fold(input_path, output_path, strict):
+def _fold(input_path, output_path, strict, safe_mode):
     # `bnseq.fold` is the function; the module's helpers come from bnseq.fold.
-    from bnseq.fold import _fold_with_report
     from bnseq.fold import probe_difference
 
     try:
-        model = bnseq.graph.as_model(input_path)
+        model = bnseq.files.as_model(input_path, safe_mode=safe_mode)
     except (OSError, ValueError) as error:
         return _fail(str(error).splitlines()[0])
     if not str(output_path).endswith(".keras"):
         return _fail(f"the output file must end in .keras. Received: {output_path}")
     try:
-        folded, report = _fold_with_report(model, strict=strict)
+        folded, report = bnseq.fold_with_report(model, strict=strict)
     except ValueError as error:
         print(f"bnseq: {error}", file=sys.stderr)
         return 1
@@ -158,3 +160,7 @@ def _fold(input_path, output_path, strict):
     )
     print(f"Wrote {output_path}")
     return 0
+
+
+if __name__ == "__main__":  # last, so that every function above is defined
+    sys.exit(main())

@@ -16,7 +16,7 @@ from keras import layers
 
 import bnseq
 from bnseq import rules
-from bnseq.fold import _fold_with_report
+from bnseq.fold import fold_with_report
 
 # Three sigmoid layers of 100 units trained with plain SGD: the setting of
 # Figure 1 of Ioffe & Szegedy (2015), where batch normalization matters most.
@@ -194,7 +194,7 @@ def run(epochs=15, seed=0, out="bnseq-demo.png", print_fn=print):
         print_fn("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
 
     model = results["bnseq"][0]
-    folded, report = _fold_with_report(model)
+    folded, report = fold_with_report(model)
     difference = float(
         np.max(np.abs(model.predict_on_batch(x_test) - folded.predict_on_batch(x_test)))
     )

@@ -10,10 +10,12 @@ the model rewrite is at the bottom.
 """
 
 import dataclasses
+import os
 
 import keras
 import numpy as np
 
+from bnseq import files
 from bnseq import graph as graph_module
 from bnseq import probes
 from bnseq import rewrite
@@ -128,27 +130,34 @@ class FoldDecision:
 
     Attributes:
         batch_norm: str. The BatchNormalization's name.
-        layer: str or None. The layer that feeds it, if exactly one does.
+        producer: str or None. The layer that feeds it, if exactly one does
+            (the same word as `Finding.producer`); for one bnseq cannot see,
+            the layer it is hidden in.
         folded: bool. Whether it folds into that layer.
         reason: str. Why it stays, when it does; empty when it folds.
     """
 
     batch_norm: str
-    layer: object
+    producer: object
     folded: bool
     reason: str
 
     def __str__(self):
         if self.folded:
-            return f"{self.batch_norm}: folded into {self.layer}"
+            return f"{self.batch_norm}: folded into {self.producer}"
         return f"{self.batch_norm}: kept, {self.reason}"
 
 
-def fold_report(model):
+def fold_report(model, *, safe_mode=True):
     """What `fold(model)` would do with each BatchNormalization, in model order.
 
+    Every BatchNormalization is accounted for, also one inside a subclassed
+    layer or model whose `call()` bnseq cannot see (kept, with that reason).
+
     Args:
-        model: `keras.Model`, Sequential or functional.
+        model: `keras.Model` (Sequential or functional, subclasses built from
+            inputs and outputs included), or the path of a `.keras` file.
+        safe_mode: bool. Keras's `safe_mode` for loading a file.
 
     Returns:
         list of `FoldDecision`.
@@ -167,23 +176,30 @@ def fold_report(model):
     bn: folded into d
     late: kept, it follows ReLU 'relu', which is not a linear layer
     """
+    model = files.as_model(model, safe_mode=safe_mode)
     return [decision for _, _, decision in _decide(graph_module.walk(model))]
 
 
 def _decide(graph):
     """(BatchNormalization, producer or None, FoldDecision) for each one."""
     decisions = []
-    for bn in graph.layers:
-        if not isinstance(bn, keras.layers.BatchNormalization):
+    for layer in graph.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            for hidden in graph.hidden_batch_norms(layer):
+                reason = (
+                    f"it is inside {rules.describe(layer)}, a subclassed layer whose "
+                    "call() bnseq cannot see"
+                )
+                decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason)))
             continue
-        producer = graph.sole_producer(bn)
-        reason = _why_not(graph, producer, bn)
+        producer = graph.sole_producer(layer)
+        reason = _why_not(graph, producer, layer)
         decisions.append(
             (
-                bn,
+                layer,
                 producer if reason is None else None,
                 FoldDecision(
-                    bn.name,
+                    layer.name,
                     None if producer is None else producer.name,
                     reason is None,
                     reason or "",
@@ -252,36 +268,44 @@ def _bias_lands_on_the_wrong_axis(layer):
 # The rewrite ----------------------------------------------------------------
 
 
-def fold(model, *, strict=False):
+def fold(model, *, strict=False, safe_mode=True):
     """Folds each BatchNormalization into the linear layer before it.
 
     Returns a new model of plain Keras layers (loadable where bnseq is not
-    installed) with the same inputs and outputs that, in inference mode,
-    computes what `model` computes with fewer layers. A BatchNormalization
+    installed) that, in inference mode, computes what `model` computes with
+    fewer layers: a `keras.Sequential` for a Sequential model, and a plain
+    functional `keras.Model` with the same inputs and outputs for a
+    functional one (also for a subclass built from inputs and outputs, such
+    as a keras-hub backbone, whose own class is not kept). A BatchNormalization
     folds when the layer that feeds it is one of the linear layers bnseq
     knows, with the identity activation, whose output nothing else uses, and
     its axis is that layer's channel axis; the folded layer gets
     `use_bias=True`, and an `Activation` layer that alone follows the
     BatchNormalization becomes the layer's own `activation` again, so a folded
-    unit is exactly what a model without BatchNormalization has. Every other
-    layer, and every BatchNormalization that cannot fold, is copied with its
-    weights. Models nested in the model are
-    folded the same way. The original model and its weights are untouched.
+    unit is exactly what a model without BatchNormalization has. Models nested
+    in the model are folded the same way.
+
+    Every other layer, a BatchNormalization that cannot fold included, is not
+    copied: the folded model holds the same layer objects as the original
+    (their weights shared), so a `Lambda` or custom layer is never re-created.
+    The original model and its weights are untouched.
 
     The folded model is for inference only: training it would not normalize.
 
     Args:
         model: `keras.Model`, Sequential (from Keras or bnseq) or functional,
-            built.
+            built; or the path of a `.keras` file.
         strict: bool. If `True`, raise instead of keeping a BatchNormalization
             that cannot fold.
+        safe_mode: bool. Keras's `safe_mode` for loading a file: `False` for
+            a trusted file with `Lambda` layers.
 
     Returns:
-        A `keras.Sequential` for a Sequential model, a functional model for a
-        functional one.
+        The folded model.
 
     Raises:
-        TypeError: if `model` is not a Sequential or functional model.
+        TypeError: if `model` is neither a model nor a path, or is a
+            subclassed model (no graph to rebuild).
         ValueError: if `model` is not built, or, with `strict=True`, if a
             BatchNormalization cannot fold (the message lists each and why).
 
@@ -300,20 +324,37 @@ def fold(model, *, strict=False):
     >>> bool(np.allclose(keras.ops.convert_to_numpy(folded(x)), expected, atol=1e-6))
     True
     """
-    return _fold_with_report(model, strict=strict)[0]
+    return fold_with_report(model, strict=strict, safe_mode=safe_mode)[0]
 
 
-def _fold_with_report(model, *, strict=False):
+def fold_with_report(model, *, strict=False, safe_mode=True):
     """`fold(model)` and `fold_report(model)` from one reading of the model.
+
+    For callers that show what was folded (the command line, the demo): the
+    model is walked once.
+
+    Args:
+        model: as for `fold`.
+        strict: bool. As for `fold`.
+        safe_mode: bool. As for `fold`.
 
     Returns:
         (the folded model, list of `FoldDecision`).
+
+    Example:
+
+    >>> model = bnseq.Sequential(
+    ...     [keras.Input((4,)), keras.layers.Dense(3)], batch_norm=True)
+    >>> folded, report = bnseq.fold_with_report(model)
+    >>> [str(decision) for decision in report]  # doctest: +ELLIPSIS
+    ['dense..._bn: folded into dense...']
     """
-    if not isinstance(model, keras.Model):
+    if not isinstance(model, keras.Model) and not isinstance(model, (str, os.PathLike)):
         raise TypeError(
-            "fold expects a keras.Model. "
+            "fold expects a keras.Model or the path of a .keras file. "
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
+    model = files.as_model(model, safe_mode=safe_mode)
     if not model.built:
         raise ValueError(
             f"{type(model).__name__} '{model.name}' is not built, so it has no "
@@ -329,15 +370,39 @@ def _fold_with_report(model, *, strict=False):
             f"{len(left)} BatchNormalization layer(s) of model '{model.name}' "
             "cannot be folded:\n" + "\n".join(f"- {decision}" for decision in left)
         )
-    into = {id(producer): bn for bn, producer, _ in decisions if producer is not None}
-    activations = {
-        id(producer): activation
-        for bn, producer, _ in decisions
-        if producer is not None
-        for activation in [_activation_after(graph, bn)]
-        if activation is not None
-    }
-    return _Folder(into, activations).rewrite(model), report
+    plan = rewrite.Plan("fold", _plain_sequential)
+    for bn, producer, _ in decisions:
+        if producer is None:
+            continue
+        activation = _activation_after(graph, bn)
+        folded_layer = _folded_layer(producer, activation)
+        plan.replace[id(producer)] = [folded_layer]
+        plan.drop.add(id(bn))
+        if activation is not None:
+            plan.drop.add(id(activation))
+        plan.finish.append(
+            lambda producer=producer, bn=bn, folded_layer=folded_layer: folded_layer.set_weights(
+                folded_weights(producer, bn)
+            )
+        )
+    return rewrite.apply(model, plan), report
+
+
+def _plain_sequential(model, tensor, layers, unit_sizes):
+    start = [] if tensor is None else [tensor]
+    return keras.Sequential(start + list(layers), name=model.name, trainable=model.trainable)
+
+
+def _folded_layer(producer, activation):
+    """A new layer like `producer`, with a bias and, merged, `activation`'s function."""
+    config = producer.get_config()
+    config["use_bias"] = True
+    if activation is not None:
+        activation_config = activation.get_config()
+        config["activation"] = activation_config["activation"]
+        if activation.activity_regularizer is not None:
+            config["activity_regularizer"] = activation_config["activity_regularizer"]
+    return producer.__class__.from_config(config)
 
 
 def _activation_after(graph, bn):
@@ -355,87 +420,6 @@ def _activation_after(graph, bn):
     if graph.parents.get(id(activation)) is not graph.parents.get(id(bn)):
         return None
     return activation
-
-
-class _Folder:
-    def __init__(self, into, activations):
-        self.into = into  # id(linear layer) -> the BatchNormalization it absorbs
-        self.activations = activations  # id(linear layer) -> Activation it takes
-        # Layers that disappear: folded BatchNormalization, merged Activation.
-        self.gone = {id(bn) for bn in into.values()} | {
-            id(activation) for activation in activations.values()
-        }
-        self.clones = []  # (original, clone) pairs whose weights are copied
-
-    def rewrite(self, model):
-        if isinstance(model, keras.Sequential):
-            result = self._sequential(model)
-        elif graph_module.functional_config(model) is not None:
-            result = self._functional(model)
-        else:
-            raise TypeError(
-                f"fold reads Sequential and functional models; "
-                f"{type(model).__name__} '{model.name}' is a subclassed model."
-            )
-        for original, clone in self.clones:
-            self._copy_weights(original, clone)
-        self.clones = []
-        return result
-
-    def _clone(self, layer):
-        if isinstance(layer, keras.Model):
-            return _Folder(self.into, self.activations).rewrite(layer)
-        if id(layer) in self.into:
-            config = layer.get_config()
-            config["use_bias"] = True
-            activation = self.activations.get(id(layer))
-            if activation is not None:
-                activation_config = activation.get_config()
-                config["activation"] = activation_config["activation"]
-                if activation.activity_regularizer is not None:
-                    config["activity_regularizer"] = activation_config["activity_regularizer"]
-            clone = layer.__class__.from_config(config)
-        else:
-            clone = rewrite.fresh_copy(layer)
-        if id(layer) not in self.gone:  # a layer that is gone is never called
-            self.clones.append((layer, clone))
-        return clone
-
-    def _copy_weights(self, original, clone):
-        if not isinstance(original, keras.Layer) or not original.weights:
-            return
-        if id(original) in self.into:
-            clone.set_weights(folded_weights(original, self.into[id(original)]))
-        else:
-            clone.set_weights(original.get_weights())
-
-    def _sequential(self, model):
-        result = keras.Sequential(name=model.name, trainable=model.trainable)
-        inputs = model.inputs
-        result.add(keras.Input(batch_shape=inputs[0].shape, dtype=inputs[0].dtype), rebuild=False)
-        for layer in model.layers:
-            if id(layer) not in self.gone:
-                result.add(self._clone(layer), rebuild=False)
-        result.build(inputs[0].shape)
-        return result
-
-    def _functional(self, model):
-        def call_function(layer, *args, **kwargs):
-            if id(layer) in skipped:
-                return args[0]
-            return layer(*args, **kwargs)
-
-        skipped = set()
-
-        def clone_function(layer):
-            clone = self._clone(layer)
-            if id(layer) in self.gone:
-                skipped.add(id(clone))
-            return clone
-
-        return keras.models.clone_model(
-            model, clone_function=clone_function, call_function=call_function
-        )
 
 
 def probe_difference(model, folded, batch_size=2, seed=0):

@@ -1,20 +1,20 @@
 """One walker over Keras models: which layer feeds which.
 
-`walk(model)` reads a Sequential or functional model, with models nested in
-models flattened away, into a `Graph` of its leaf operations (layers, and the
-`keras.ops` calls of a functional model) and the producer -> consumer edges
-between them. `lint`, `fold` and `batch_normalize` all read models through it.
+`walk(model)` reads a Sequential or functional model (a plain `keras.Model`
+built from inputs and outputs, or a subclass built that way, as every keras-hub
+Backbone is), with models nested in models flattened away, into a `Graph` of
+its leaf operations (layers, and the `keras.ops` calls of a functional model)
+and the producer -> consumer edges between them. `lint`, `fold_report`, `fold`
+and `batch_normalize` all read models through it.
 
-Functional models are read from their config (`get_config()`), whose
-`inbound_nodes` / `keras_history` entries are the format Keras saves models in
-and keeps loadable across releases, rather than from Keras's private node
-objects.
+A functional model's calls are read from the graph Keras keeps for it (see
+`_calls`), not from `get_config()`: a functional subclass's config holds its
+constructor's arguments instead of its layers, and a custom layer without
+`get_config` makes the whole config fail, while the graph is always there.
 """
 
 import collections
 import dataclasses
-import os
-import zipfile
 
 import keras
 
@@ -47,6 +47,15 @@ class Graph:
         """The one leaf operation feeding `layer`, or `None` if not exactly one."""
         producers = self._producers.get(id(layer), ())
         return producers[0] if len(producers) == 1 else None
+
+    def hidden_batch_norms(self, layer):
+        """BatchNormalization layers inside a leaf that no walk can see into.
+
+        A subclassed layer or model is one leaf: its `call()` has no graph.
+        """
+        if not isinstance(layer, keras.Layer) or isinstance(layer, keras.layers.BatchNormalization):
+            return []
+        return [each for each in inner_layers(layer) if isinstance(each, keras.layers.BatchNormalization)]
 
     def feeds_only(self, producer, consumer):
         """Whether `consumer` is the only user of `producer`'s output.
@@ -92,19 +101,47 @@ def walk(model):
     )
 
 
-def functional_config(model):
-    """A functional model's config, or `None` for any other model.
+def is_functional(model):
+    """Whether Keras holds a graph of layer calls for `model`.
 
-    Keras has no public test for "functional"; its functional models are the
-    ones whose config lists `input_layers` and `layers`.
+    True for models built from inputs and outputs, subclasses built that way
+    included; False for Sequential models (read by their layer list) and for
+    subclassed models whose `call()` has no graph.
     """
+    if isinstance(model, keras.Sequential):
+        return False
     try:
-        config = model.get_config()
-    except (NotImplementedError, TypeError):
-        return None
-    if isinstance(config, dict) and "input_layers" in config and "layers" in config:
-        return config
-    return None
+        return model.outputs is not None and model._nodes_by_depth is not None
+    except AttributeError:
+        return False
+
+
+def inner_layers(layer):
+    """Every layer inside `layer` (not itself), for one whose insides no walk can see.
+
+    `Layer._flatten_layers` is private Keras API; no public one lists the
+    layers a subclassed layer or model holds (checked on Keras 3.14 and 3.15).
+    """
+    return list(layer._flatten_layers(include_self=False))
+
+
+def _calls(model):
+    """The layer calls of a functional model, producers before consumers.
+
+    Yields `(operation, input tensors, output tensors)` for each call, in
+    Keras's own order (by depth, then by `model.operations`). This reads
+    Keras's private graph state (`_nodes_by_depth`, a node's `operation`,
+    `is_input`, `input_tensors`, `outputs`), the same state
+    `keras.models.clone_model` replays; it is isolated here and was checked on
+    Keras 3.14 and 3.15 (tests/test_graph.py fails loudly if it changes).
+    """
+    order = {id(operation): index for index, operation in enumerate(model.operations)}
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        nodes = sorted(model._nodes_by_depth[depth], key=lambda node: order.get(id(node.operation), -1))
+        for node in nodes:
+            if node.is_input or node.operation is None:
+                continue
+            yield node.operation, list(node.input_tensors), keras.tree.flatten(node.outputs)
 
 
 class _Walker:
@@ -127,38 +164,16 @@ class _Walker:
             for layer in model.layers:
                 (source,) = self.call(layer, [source], parent=model)
             return [source]
-        config = functional_config(model)
-        if config is None:  # a subclassed model: one opaque leaf
+        if not is_functional(model):  # a subclassed model: one opaque leaf
             return self.leaf(model, sources or [], parent)
-        operations = {operation.name: operation for operation in model.operations}
-        results = {}  # (name, node index) -> the leaf behind each output tensor
-        for key, source in zip(_histories(config["input_layers"]), sources or []):
-            results[key[:2]] = [source]
-        # Config order is by layer; a shared layer's later calls can refer to
-        # layers listed after it, so nodes are taken as their inputs are ready.
-        pending = [
-            (layer_config["name"], node_index, _histories(node))
-            for layer_config in config["layers"]
-            if not isinstance(operations[layer_config["name"]], keras.layers.InputLayer)
-            for node_index, node in enumerate(layer_config["inbound_nodes"])
-        ]
-        inputs_of_model = {key[:2] for key in _histories(config["input_layers"])}
-        while pending:
-            waiting = []
-            for name, node_index, keys in pending:
-                if all(key[:2] in results or key[:2] in inputs_of_model for key in keys):
-                    inputs = [_lookup(results, key) for key in keys]
-                    operation = operations[name]
-                    results[(name, node_index)] = self.call(operation, inputs, parent=model)
-                else:
-                    waiting.append((name, node_index, keys))
-            if len(waiting) == len(pending):
-                raise ValueError(
-                    f"Cannot order the layers of model '{model.name}': its config "
-                    "refers to layer calls it does not contain."
-                )
-            pending = waiting
-        return [_lookup(results, key) for key in _histories(config["output_layers"])]
+        behind = {}  # id(tensor) -> the leaf that produced it
+        for tensor, source in zip(model.inputs, sources or []):
+            behind[id(tensor)] = source
+        for operation, inputs, outputs in _calls(model):
+            results = self.call(operation, [behind.get(id(tensor)) for tensor in inputs], parent=model)
+            for index, tensor in enumerate(outputs):
+                behind[id(tensor)] = results[min(index, len(results) - 1)]
+        return [behind.get(id(tensor)) for tensor in keras.tree.flatten(model.outputs)]
 
     def leaf(self, operation, sources, parent):
         if id(operation) not in self.parents:
@@ -171,54 +186,3 @@ class _Walker:
                 self.producers[id(operation)].append(source)
                 self.consumers[id(source)].append(operation)
         return [operation]
-
-
-def _histories(node):
-    """The `(layer name, node index, tensor index)` keys a config entry refers to."""
-    if isinstance(node, dict):
-        if node.get("class_name") == "__keras_tensor__":
-            return [tuple(node["config"]["keras_history"])]
-        return [key for value in node.values() for key in _histories(value)]
-    if isinstance(node, (list, tuple)):
-        if len(node) == 3 and isinstance(node[0], str) and isinstance(node[1], int):
-            return [tuple(node)]
-        return [key for value in node for key in _histories(value)]
-    return []
-
-
-def _lookup(results, key):
-    name, node_index, tensor_index = key
-    outputs = results.get((name, node_index), [None])
-    return outputs[min(tensor_index, len(outputs) - 1)]
-
-
-def as_model(model_or_path):
-    """A model given as itself or as the path of a `.keras` file.
-
-    Raises:
-        TypeError: for anything else.
-        FileNotFoundError: if the path does not exist.
-        IsADirectoryError: if the path is a directory.
-        ValueError: if the file is not a model Keras can load.
-    """
-    if isinstance(model_or_path, keras.Model):
-        return model_or_path
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise TypeError(
-            "Expected a keras.Model or the path of a .keras file. "
-            f"Received: {model_or_path!r} (of type {type(model_or_path).__name__})"
-        )
-    path = os.fspath(model_or_path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"'{path}' is a directory, not a .keras file")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No such file: '{path}'")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"'{path}' is not a .keras file (a .keras file is a zip archive "
-            "written by `model.save()`)."
-        )
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many kinds for a bad archive
-        raise ValueError(f"Keras cannot load '{path}': {error}") from error

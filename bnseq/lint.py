@@ -29,6 +29,17 @@ normalizing the wrong features::
     layers.BatchNormalization()             # BN003: axis -1, channels on 1
     # instead: layers.BatchNormalization(axis=1)
 
+`BN004`, BatchNormalization directly after BatchNormalization: the second
+normalizes what the first already normalized (often a port of code that
+already normalizes, into a model that normalizes for it)::
+
+    layers.BatchNormalization()
+    layers.BatchNormalization()             # BN004: keep one
+
+`BN000`, a part of the model lint cannot see into: a subclassed layer or
+model (its `call()` has no graph) that holds BatchNormalization layers. Their
+placement is not judged, and lint says so rather than passing them silently.
+
 A BatchNormalization fed by anything else (a merge, a pooling layer, a model
 input, several layers) is not a finding.
 """
@@ -37,6 +48,7 @@ import dataclasses
 
 import keras
 
+from bnseq import files
 from bnseq import graph as graph_module
 from bnseq import rules
 
@@ -46,10 +58,13 @@ class Finding:
     """One misplaced BatchNormalization.
 
     Attributes:
-        code: str. The rule: `BN001`, `BN002` or `BN003`.
-        layer: str. The BatchNormalization's name.
+        code: str. The rule: `BN000` to `BN004`.
+        layer: str. The BatchNormalization's name; for `BN000`, the name of
+            the layer lint cannot see into.
         message: str. What is wrong, what it costs, what to write instead.
-        producer: str. The name of the layer that feeds the BatchNormalization.
+        producer: str or None. The name of the layer that feeds the
+            BatchNormalization (the same word as `FoldDecision.producer`);
+            `None` for `BN000`.
     """
 
     code: str
@@ -61,7 +76,7 @@ class Finding:
         return f"{self.layer}: {self.code} {self.message}"
 
 
-def lint(model_or_path):
+def lint(model_or_path, *, safe_mode=True):
     """Find misplaced BatchNormalization layers in a model.
 
     Never changes the model. Models nested in the model are read through, so a
@@ -69,9 +84,12 @@ def lint(model_or_path):
 
     Args:
         model_or_path: `keras.Model` (Sequential from Keras or bnseq,
-            functional, with nested models), or the path of a `.keras` file
-            (loaded without compiling; `import bnseq` has made bnseq's own
-            classes loadable).
+            functional, subclasses built from inputs and outputs such as
+            keras-hub backbones, with nested models), or the path of a
+            `.keras` file (loaded without compiling; `import bnseq` has made
+            bnseq's own classes loadable).
+        safe_mode: bool. Keras's `safe_mode` for loading a file: `False` for
+            a trusted file with `Lambda` layers.
 
     Returns:
         list of `Finding`, in the model's order; empty when all is well.
@@ -93,10 +111,24 @@ def lint(model_or_path):
     BN001 bn hidden
     BN002 bn hidden
     """
-    model = graph_module.as_model(model_or_path)
+    model = files.as_model(model_or_path, safe_mode=safe_mode)
     graph = graph_module.walk(model)
     findings = []
     for layer in graph.layers:
+        hidden = graph.hidden_batch_norms(layer)
+        if hidden:
+            kind = "model" if isinstance(layer, keras.Model) else "layer"
+            findings.append(
+                Finding(
+                    "BN000",
+                    layer.name,
+                    f"cannot inspect {rules.describe(layer)}: subclassed {kind} with "
+                    f"{len(hidden)} BatchNormalization layer{'s' if len(hidden) > 1 else ''} "
+                    f"({', '.join(repr(each.name) for each in hidden)}), whose call() has no "
+                    "graph to read; their placement is not checked.",
+                    None,
+                )
+            )
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
         producer = graph.sole_producer(layer)

@@ -20,7 +20,6 @@ import os
 import keras
 import numpy as np
 
-from bnseq import notices
 from bnseq import rules
 
 ONEDNN_ISSUE = "https://github.com/keras-team/keras/issues/23650"
@@ -89,16 +88,20 @@ def infer(model, inputs, training=False):
 _warned = set()
 
 
-def warn_once_if_channels_first_fails(layer):
-    """Warn, once per process, when `layer` is channels_first and cannot run here."""
+def channels_first_warning(layer):
+    """The warning for a channels_first `layer` that cannot run here, once per process.
+
+    Returns:
+        str, or `None` when there is nothing (more) to say.
+    """
     if getattr(layer, "data_format", None) != "channels_first":
-        return
+        return None
     if channels_first_runs() or "channels_first" in _warned:
-        return
+        return None
     _warned.add("channels_first")
     flag = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     setting = "unset" if flag is None else f"={flag}"
-    notices.warn(
+    return (
         f"{rules.describe(layer)} is channels_first, and TensorFlow on this CPU "
         "has no kernels for channels_first convolutions (they come with oneDNN, "
         f"which is off: TF_ENABLE_ONEDNN_OPTS {setting}, and TensorFlow turns it on "
@@ -108,6 +111,5 @@ def warn_once_if_channels_first_fails(layer):
         "evaluate and predict run compiled by XLA. Other fixes: "
         "`model.compile(..., jit_compile=True)` for any model, "
         "TF_ENABLE_ONEDNN_OPTS=1 set before TensorFlow is imported, the JAX or "
-        "PyTorch backend, or channels_last.",
-        category=notices.PlatformWarning,
+        "PyTorch backend, or channels_last."
     )

@@ -1,9 +1,20 @@
-"""Layer surgery: split one linear layer into its normalized unit.
+"""The one rewrite engine, and the layer surgery it and `Sequential.add` share.
 
 `split` turns `Dense(100, activation="relu")` into the unit
 `Dense(100, use_bias=False)`, `BatchNormalization(axis=-1)`, `Activation("relu")`
 in place, keeping the user's layer object, and returns what it needs to undo
 the change if the model that receives the unit cannot take it.
+
+`apply(model, plan)` rebuilds a Sequential or functional model from a `Plan`
+that says, per leaf layer, what takes its place (`replace`) or that it goes
+(`drop`). `batch_normalize` and `fold` are plans; neither rebuilds models.
+Every layer a plan does not name is carried over as the same object, never
+re-created from its config: re-creating a `Lambda` needs Keras's unsafe mode
+and a custom layer its registration, and would lose its weights. So the new
+model shares those layers (and their weights) with the original, as two
+functional models built on one layer do. Nested models are always rebuilt,
+by the plan's `sequential` for Sequential ones and as plain functional models
+otherwise, so that no bnseq class survives in a folded model.
 """
 
 import dataclasses
@@ -11,7 +22,7 @@ import dataclasses
 import keras
 from keras import layers
 
-from bnseq import notices
+from bnseq import graph
 from bnseq import rules
 
 
@@ -24,10 +35,13 @@ class Unit:
             unless the activation was the identity, its activation layer.
         undo: callable. Restores the linear layer's `use_bias`, `activation`
             and `activity_regularizer` as they were before `split`.
+        warnings: list of str. What the caller should warn about once the
+            unit is in place (bias settings that no longer apply).
     """
 
     layers: list
     undo: object
+    warnings: list
 
 
 def check_splittable(layer, index=None):
@@ -68,7 +82,7 @@ def check_splittable(layer, index=None):
         )
 
 
-def split(layer, options, taken_names, index=None, batch_norm_name=None):
+def split(layer, options, taken_names, index=None, batch_norm_name=None, activation=None):
     """Turn one linear layer into (bias-free linear, BatchNormalization, act).
 
     The layer keeps its identity: it is changed in place to `use_bias=False`
@@ -84,22 +98,26 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None):
         batch_norm_name: str, optional. The BatchNormalization's name, when it
             takes the place of an existing one; derived from the layer's name
             otherwise.
+        activation: Layer, optional. The activation layer of the unit, in
+            place of the layer's own (a copy, when that one is already used).
 
     Returns:
         `Unit`.
     """
-    _warn_about_bias_arguments(layer, index)
-    activation = layer.activation
+    messages = _ignored_bias_arguments(layer, index)
+    activation, activation_layer = layer.activation, activation
     taken = set(taken_names)
 
     batch_norm = layers.BatchNormalization(
         axis=rules.channel_axis(layer),
         dtype=layer.dtype_policy,
         name=batch_norm_name or unique_name(f"{layer.name}_bn", taken),
-        **options,
+        **{key: _own_copy(value) for key, value in options.items()},
     )
     unit = [layer, batch_norm]
-    if isinstance(activation, keras.Layer):
+    if isinstance(activation_layer, keras.Layer):
+        unit.append(activation_layer)
+    elif isinstance(activation, keras.Layer):
         unit.append(activation)
     elif not rules.is_identity(activation):
         unit.append(
@@ -126,12 +144,66 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None):
         layer.use_bias = use_bias
         _set_activation(layer, activation)
 
-    return Unit(layers=unit, undo=undo)
+    return Unit(layers=unit, undo=undo, warnings=messages)
 
 
 def fresh_copy(layer):
-    """A new, unbuilt layer (or operation) with the same configuration."""
+    """A new, unbuilt layer with the same configuration (a known linear class)."""
     return layer.__class__.from_config(layer.get_config())
+
+
+def normalized_copy(layer, options, taken, batch_norm_name=None):
+    """A new unit for `layer`, leaving `layer` itself alone.
+
+    The copy of the linear layer gets `layer`'s kernels once both are built
+    (call the returned `carry` then); its bias is not carried, as the unit has
+    none.
+
+    Returns:
+        (`Unit`, carry: a callable).
+    """
+    copy = fresh_copy(layer)
+    unit = split(copy, options, taken, batch_norm_name=batch_norm_name)
+    taken.update(each.name for each in unit.layers)
+
+    def carry():
+        bias = getattr(layer, "bias", None) if layer.use_bias else None
+        kernels = [variable for variable in layer.weights if variable is not bias]
+        if [tuple(v.shape) for v in kernels] == [tuple(v.shape) for v in copy.weights]:
+            for source, target in zip(kernels, copy.weights):
+                target.assign(source)
+
+    return unit, carry
+
+
+def _own_copy(value):
+    """A Keras object (initializer, regularizer, constraint) copied for one layer.
+
+    One `RandomNormal(1.0, 0.02)` given in `batch_norm` would otherwise give
+    every BatchNormalization the same values: an unseeded Keras initializer
+    draws the same numbers on every call. A copy made from its config draws
+    its own (a seeded one still repeats, as the seed asks).
+    """
+    kinds = (keras.initializers.Initializer, keras.regularizers.Regularizer, keras.constraints.Constraint)
+    if isinstance(value, kinds):
+        return value.__class__.from_config(value.get_config())
+    return value
+
+
+def batch_norm_options(batch_norm_layer):
+    """A BatchNormalization's own options (all but `axis`), as `batch_norm` takes them."""
+    config = batch_norm_layer.get_config()
+    return {key: config[key] for key in rules.BATCH_NORM_OPTIONS if key in config}
+
+
+def renormalized(batch_norm_layer, axis):
+    """A new BatchNormalization with `batch_norm_layer`'s options and name on `axis`."""
+    return layers.BatchNormalization(
+        axis=axis,
+        name=batch_norm_layer.name,
+        dtype=batch_norm_layer.dtype_policy,
+        **batch_norm_options(batch_norm_layer),
+    )
 
 
 def unique_name(name, taken):
@@ -179,8 +251,8 @@ def _set_activation(layer, activation):
         layer.activation = activation
 
 
-def _warn_about_bias_arguments(layer, index):
-    """Warn about bias settings the user made that no longer apply."""
+def _ignored_bias_arguments(layer, index):
+    """Messages about bias settings the user made that no longer apply."""
     ignored = []
     if layer.bias_regularizer is not None:
         ignored.append("bias_regularizer")
@@ -188,10 +260,121 @@ def _warn_about_bias_arguments(layer, index):
         ignored.append("bias_constraint")
     if not isinstance(layer.bias_initializer, keras.initializers.Zeros):
         ignored.append("bias_initializer")
-    if ignored and layer.use_bias:
-        notices.warn(
-            f"{rules.describe(layer, index)} sets {', '.join(ignored)}, but "
-            "bnseq removes its bias (the BatchNormalization after it has its "
-            "own offset, `beta`), so these settings no longer apply. Remove "
-            "them, or add the layer with batch_norm=False to keep its bias."
-        )
+    if not (ignored and layer.use_bias):
+        return []
+    return [
+        f"{rules.describe(layer, index)} sets {', '.join(ignored)}, but "
+        "bnseq removes its bias (the BatchNormalization after it has its "
+        "own offset, `beta`), so these settings no longer apply. Remove "
+        "them, or add the layer with batch_norm=False to keep its bias."
+    ]
+
+
+# The engine ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a rewrite does to a model's leaf layers.
+
+    Every leaf layer not named in `replace` or `drop` is kept: the same object
+    in the new model.
+
+    Attributes:
+        what: str. The public function the plan is for, as errors name it.
+        replace: dict. `id(layer)` -> list of layers called one after the
+            other in its place.
+        drop: set. `id(layer)` of layers whose one input passes straight
+            through.
+        sequential: callable. `(model, input, layers, unit_sizes)` -> the new
+            Sequential model for a Sequential `model`; `input` is a new
+            `keras.Input` tensor, or `None` when the model has none.
+        finish: list of callables, run once the new model is built (weights
+            are set there).
+    """
+
+    what: str
+    sequential: object
+    replace: dict = dataclasses.field(default_factory=dict)
+    drop: set = dataclasses.field(default_factory=set)
+    finish: list = dataclasses.field(default_factory=list)
+
+
+def apply(model, plan):
+    """Rebuild `model` as `plan` says; the original is not changed.
+
+    Returns:
+        A Sequential model (from `plan.sequential`) for a Sequential model; a
+        plain functional `keras.Model` with the same inputs and outputs for
+        a functional one, a functional subclass included.
+
+    Raises:
+        TypeError: for a subclassed model, which has no graph to rebuild.
+    """
+    result = _rebuild(model, plan)
+    for step in plan.finish:
+        step()
+    return result
+
+
+def _rebuild(model, plan):
+    if isinstance(model, keras.Sequential):
+        return _rebuild_sequential(model, plan)
+    if graph.is_functional(model):
+        return _rebuild_functional(model, plan)
+    raise TypeError(
+        f"{plan.what} reads Sequential and functional models; "
+        f"{type(model).__name__} '{model.name}' is a subclassed model, whose "
+        "graph Keras cannot show. Rewrite its layers where it builds them, "
+        "with bnseq.Sequential(batch_norm=True)."
+    )
+
+
+def _rebuild_sequential(model, plan):
+    new_layers, unit_sizes = [], []
+    for layer in model.layers:
+        if id(layer) in plan.drop:
+            continue
+        if isinstance(layer, keras.Model):
+            unit = [_rebuild(layer, plan)]
+        else:
+            unit = plan.replace.get(id(layer), [layer])
+        new_layers.extend(unit)
+        unit_sizes.append(len(unit))
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # not built: no input yet
+        inputs = None
+    tensor = None
+    if inputs:
+        tensor = keras.Input(batch_shape=inputs[0].shape, dtype=inputs[0].dtype)
+    return plan.sequential(model, tensor, new_layers, unit_sizes)
+
+
+def _rebuild_functional(model, plan):
+    chains = {}  # id(first layer of a replacement) -> the layers called in turn
+    passed = set()  # id(layer) of dropped layers: their input goes through
+
+    def clone_function(layer):
+        if isinstance(layer, keras.Model):
+            return _rebuild(layer, plan)
+        if id(layer) in plan.drop:
+            passed.add(id(layer))
+            return layer
+        chain = plan.replace.get(id(layer))
+        if chain is None:
+            return layer  # kept: the same object, never re-created
+        chains[id(chain[0])] = chain
+        return chain[0]
+
+    def call_function(layer, *args, **kwargs):
+        if id(layer) in passed:
+            return args[0]
+        outputs = layer(*args, **kwargs)
+        for following in chains.get(id(layer), [layer])[1:]:
+            outputs = following(outputs)
+        return outputs
+
+    return keras.models.clone_model(
+        model, clone_function=clone_function, call_function=call_function
+    )

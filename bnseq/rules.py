@@ -136,9 +136,14 @@ def same_axis(axis, expected, rank):
     return axis % rank == expected % rank
 
 
+def position(index):
+    """`layer 3` for a position in a model, or the text given (a place in a list)."""
+    return index if isinstance(index, str) else f"layer {index}"
+
+
 def describe(layer, index=None):
     """`Dense 'dense_1' (layer 3)`: how messages name a layer."""
-    where = "" if index is None else f" (layer {index})"
+    where = "" if index is None else f" ({position(index)})"
     return f"{type(layer).__name__} '{layer.name}'{where}"
 
 
@@ -248,6 +253,7 @@ def placement_problems(producer, batch_norm_layer):
       between the linear layer and its activation.
     - `BN003`: the BatchNormalization's axis is not the producer's channel
       axis, so it normalizes the wrong features (and trains silently).
+    - `BN004`: the producer is itself a BatchNormalization.
 
     Args:
         producer: Layer. The layer whose output the BatchNormalization takes.
@@ -296,6 +302,16 @@ def placement_problems(producer, batch_norm_layer):
                 "activation, then BatchNormalization, then the activation "
                 "as its own layer, or let bnseq.Sequential(batch_norm=True) "
                 "do it.",
+            )
+        )
+    if isinstance(producer, layers.BatchNormalization):
+        problems.append(
+            (
+                "BN004",
+                f"{describe(batch_norm_layer)} directly follows "
+                f"{describe(producer)}, whose output is already normalized; "
+                "the second one only adds parameters and computation. Keep one "
+                "of them.",
             )
         )
     if is_linear(producer):

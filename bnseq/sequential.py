@@ -1,17 +1,15 @@
 """`bnseq.Sequential`: a `keras.Sequential` that places batch normalization."""
 
+import dataclasses
 import weakref
 
 import keras
 
+from bnseq import marks
 from bnseq import notices
 from bnseq import probes
 from bnseq import rewrite
 from bnseq import rules
-
-# Layers marked by `with_batch_norm` / `without_batch_norm`, for the list form
-# of the constructor. Weak keys: a mark never keeps a layer alive.
-_MARKS = weakref.WeakKeyDictionary()
 
 
 class _EmptyModelError(ValueError, IndexError):
@@ -82,11 +80,12 @@ class Sequential(keras.Sequential):
         # How many layers each `add()` put in `self.layers`, so that `pop()`
         # can take back a whole unit, also after saving and loading.
         self._unit_sizes = ()
-        _remember_graph(self, None)
+        _STATE[self] = _State()
         if layers:
-            for layer in layers:
-                self.add(layer, rebuild=False)
+            for position, layer in enumerate(layers):
+                self._add(layer, False, None, f"item {position} of the layers list")
             self._maybe_rebuild()
+        self._flush_warnings()
 
     @property
     def batch_norm(self):
@@ -129,25 +128,50 @@ class Sequential(keras.Sequential):
         >>> [layer.name for layer in model.layers]  # doctest: +ELLIPSIS
         ['dense...', 'dense..._bn', 'dense..._relu']
         """
-        index = len(self.layers)
+        self._add(layer, rebuild, batch_norm, len(self.layers))
+
+    def _add(self, layer, rebuild, batch_norm, index):
+        """`add()`, with `index` the position messages name (an int, or text)."""
         if not isinstance(layer, (keras.Layer, keras.KerasTensor)):
             # keras.Sequential's own message, with the position added.
             raise ValueError(
                 "Only instances of `keras.Layer` can be added to a Sequential "
-                f"model. Received: {layer} (of type {type(layer)}) as layer "
-                f"{index} of '{self.name}'."
+                f"model. Received: {layer} (of type {type(layer)}) as "
+                f"{rules.position(index)} of '{self.name}'."
             )
         options = self._options_for(layer, batch_norm, index)
-        if options is False:
+        pending = _STATE[self].pending
+        if options is not False:
+            unit = self._add_normalized(layer, options, rebuild, index)
+            pending.extend((message, notices.BatchNormPlacementWarning) for message in unit.warnings)
+        elif isinstance(layer, keras.layers.BatchNormalization) and batch_norm is None and self._inserted_batch_norm():
+            self._take_over(layer, rebuild, index)
+        else:
             if self._is_normalized(layer):
                 self._check_not_in_model(layer, index)
-            if isinstance(layer, keras.layers.BatchNormalization) and self.layers:
-                for _, message in rules.placement_problems(self.layers[-1], layer):
-                    notices.warn(message)
+            producer = self.layers[-1] if self.layers else None
             self._append([layer], rebuild)
-        else:
-            self._add_normalized(layer, options, rebuild, index)
-        probes.warn_once_if_channels_first_fails(layer)
+            if isinstance(layer, keras.layers.BatchNormalization) and producer is not None:
+                # Judged once the model is built, when the producer's rank is known.
+                pending.append((lambda: rules.placement_problems(producer, layer), None))
+        pending.append((lambda: probes.channels_first_warning(layer), notices.PlatformWarning))
+        if rebuild:
+            self._flush_warnings()
+
+    def _flush_warnings(self):
+        """Give the warnings of the layers added so far, now that they are in place."""
+        state = _STATE[self]
+        pending, state.pending = state.pending, []
+        for message, category in pending:
+            if callable(message):
+                message = message()
+            if not message:
+                continue
+            if category is None:  # placement problems: (code, message) pairs
+                for _, text in message:
+                    notices.warn(text)
+            else:
+                notices.warn(message, category)
 
     def compile(self, *args, **kwargs):
         """Configures the model for training, as `keras.Model.compile`.
@@ -169,18 +193,121 @@ class Sequential(keras.Sequential):
         """Split `layer` into its normalized unit and append the unit."""
         rewrite.check_splittable(layer, index)
         self._check_not_in_model(layer, index)
+        activation = self._activation_for(layer, index)
         unit = rewrite.split(
             layer,
             options,
             {each.name for each in self._layers},
             index,
             batch_norm_name=batch_norm_name,
+            activation=activation,
         )
         try:
             self._append(unit.layers, rebuild)
         except BaseException:
             unit.undo()
             raise
+        _STATE[self].inserted.add(unit.layers[1])
+        return unit
+
+    def _activation_for(self, layer, index):
+        """The activation layer `layer`'s unit gets, when its own is already in the model.
+
+        Plain Keras lets one activation Layer serve several layers (each calls
+        it); here it becomes a layer of each unit, so each unit needs its own:
+        a copy for a layer without weights, an error for one with weights
+        (such as PReLU), which cannot be copied without unsharing them.
+        """
+        activation = layer.activation
+        if not isinstance(activation, keras.Layer):
+            return None
+        owner = next((each for each in self._layers if each is activation), None)
+        if owner is None:
+            return None
+        if activation.weights or isinstance(activation, keras.layers.PReLU):
+            at = self.layers.index(activation)
+            holder = self.layers[at - 2] if at >= 2 and rules.is_linear(self.layers[at - 2]) else None
+            where = f"the activation of {rules.describe(holder)}" if holder is not None else "a layer"
+            raise ValueError(
+                f"{rules.describe(layer, index)} has the activation layer "
+                f"{rules.describe(activation)}, which is already {where} in "
+                f"'{self.name}'. It has weights, so bnseq "
+                "cannot give each unit a copy without unsharing them. Give each "
+                f"layer its own activation layer. Received: layer={layer!r}"
+            )
+        return activation.__class__.from_config(
+            {**activation.get_config(), "name": rewrite.unique_name(activation.name, {e.name for e in self._layers})}
+        )
+
+    def _inserted_batch_norm(self):
+        """The BatchNormalization bnseq inserted that a new one would take the place of.
+
+        That of the last unit (`linear, BatchNormalization[, activation]`), or,
+        when the last unit is an activation layer, that of the unit before it
+        if that one has no activation of its own, as `batch_normalize` takes
+        over `linear -> activation layer -> BatchNormalization`.
+        """
+        sizes, stack = self._unit_sizes, self.layers
+        if not sizes:
+            return None
+        unit = stack[len(stack) - sizes[-1] :]
+        if len(unit) == 1 and isinstance(unit[0], rules.ACTIVATION_LAYERS) and len(sizes) > 1:
+            unit = stack[len(stack) - sizes[-1] - sizes[-2] : len(stack) - sizes[-1]]
+            if len(unit) != 2:
+                return None
+        if len(unit) >= 2 and unit[1] in _STATE[self].inserted:
+            return unit[1]
+        return None
+
+    def _take_over(self, batch_norm, rebuild, index):
+        """Put the user's `batch_norm` in place of the one bnseq inserted.
+
+        It keeps its options and name. On the wrong axis it is replaced by a
+        new layer with its options and name on the right one, with a warning;
+        built on the wrong axis (holding weights) it is refused.
+        """
+        inserted = self._inserted_batch_norm()
+        linear = self._layers[self._layers.index(inserted) - 1]
+        self._check_not_in_model(batch_norm, index)
+        axis = rules.channel_axis(linear)
+        replacement, message = batch_norm, None
+        if not rules.same_axis(batch_norm.axis, axis, rules.output_rank(linear)):
+            if batch_norm.built:
+                raise ValueError(
+                    f"{rules.describe(batch_norm, index)} is built on axis {batch_norm.axis}, "
+                    f"but it takes the place of the normalization of {rules.describe(linear)}, "
+                    f"whose channels are on axis {axis}; bnseq will not drop its weights. Add a "
+                    "new BatchNormalization, or add this one with batch_norm=False. "
+                    f"Received: layer={batch_norm!r}"
+                )
+            replacement = rewrite.renormalized(batch_norm, axis)
+            message = (
+                f"{rules.describe(batch_norm, index)} normalizes axis {batch_norm.axis}, but it "
+                f"takes the place of the normalization of {rules.describe(linear)}, whose "
+                f"channels are on axis {axis}: bnseq uses a new BatchNormalization '"
+                f"{batch_norm.name}' with its options on axis {axis}. Write "
+                f"`BatchNormalization(axis={axis})` to say so."
+            )
+        names = {each.name for each in self._layers if each is not inserted}
+        if replacement.name in names:
+            raise ValueError(
+                "All layers added to a Sequential model should have unique "
+                f"names. Name '{replacement.name}' is already the name of a layer "
+                "in this model. Update the `name` argument to pass a unique name."
+            )
+        snapshot, state = list(self._layers), (self._functional, self.built)
+        self._layers[self._layers.index(inserted)] = replacement
+        self._functional, self.built = None, False
+        try:
+            if rebuild:
+                self._maybe_rebuild()
+        except BaseException:
+            self._layers = snapshot
+            self._functional, self.built = state
+            raise
+        _STATE[self].inserted.discard(inserted)
+        if message:
+            _STATE[self].pending.append((message, notices.BatchNormPlacementWarning))
 
     def pop(self, rebuild=True):
         """Removes the unit the last `add()` created and returns its layer.
@@ -207,6 +334,12 @@ class Sequential(keras.Sequential):
         >>> model.pop() is dense, len(model.layers)
         (True, 0)
         """
+        if not self._unit_sizes and self._layers:
+            # Only the InputLayer is left: it goes, as in keras.Sequential,
+            # and a new `keras.Input` can be added.
+            removed = self._layers.pop()
+            self.built, self._functional = False, None
+            return removed
         if not self._unit_sizes:
             raise _EmptyModelError(
                 f"Sequential model '{self.name}' has no layers to pop. "
@@ -231,7 +364,8 @@ class Sequential(keras.Sequential):
         of the stack and the input is the same, only the new layers are called
         on the last graph's output. Anything else is Keras's own build.
         """
-        previous, traced = self._bnseq_graph
+        state = _STATE[self]
+        previous, traced = state.graph, state.traced
         count = len(traced)
         if (
             previous is not None
@@ -248,10 +382,10 @@ class Sequential(keras.Sequential):
                 pass  # Keras's build knows what to do with these
             else:
                 self._functional = keras.Model(inputs=self._layers[0].output, outputs=outputs)
-                _remember_graph(self, self._functional)
+                state.remember(self)
                 return
         super().build(input_shape)
-        _remember_graph(self, self._functional)
+        state.remember(self)
 
     def get_config(self):
         config = super().get_config()
@@ -294,7 +428,7 @@ class Sequential(keras.Sequential):
 
     def _options_for(self, layer, batch_norm, index):
         """The BatchNormalization options for `layer`, or False for none."""
-        marked = _MARKS.get(layer) if isinstance(layer, keras.Layer) else None
+        marked = marks.MARKS.get(layer) if isinstance(layer, keras.Layer) else None
         if batch_norm is None:
             if marked is not None:
                 options = marked
@@ -370,7 +504,7 @@ class Sequential(keras.Sequential):
             self._unit_sizes = (*self._unit_sizes, added)
 
     def _restore_units(self, layers, unit_sizes):
-        """Append saved layers as they are, grouped into their saved units."""
+        """Append layers as they are, grouped into units; no rebuild."""
         for layer in layers:
             super().add(layer, rebuild=False)
         count = len(self.layers)
@@ -378,91 +512,50 @@ class Sequential(keras.Sequential):
             unit_sizes = [1] * count
         self._unit_sizes = tuple(unit_sizes)
 
+    @classmethod
+    def _assemble(cls, layers, unit_sizes, input_tensor=None, **kwargs):
+        """A model of `layers` as they are, grouped into units, built once.
 
-def _remember_graph(model, functional):
-    """Keep the graph just built, and the layers it covers, for `build`.
-
-    Stored around Keras's attribute tracking (`object.__setattr__`): tracked,
-    every superseded graph would stay a sublayer of the model (and, on the
-    PyTorch backend, a registered child module).
-    """
-    layers = tuple(model._layers) if functional is not None else ()
-    object.__setattr__(model, "_bnseq_graph", (functional, layers))
-
-
-def with_batch_norm(layer, **options):
-    """Marks a linear layer to be normalized when a `bnseq.Sequential` adds it.
-
-    For the list form of the constructor, where `add()`'s per-layer
-    `batch_norm` argument cannot be given. The options are checked now and
-    merged over the model's own when the layer is added.
-
-    Args:
-        layer: Layer. One of the linear layers bnseq normalizes.
-        **options: `keras.layers.BatchNormalization` arguments other than
-            `axis`.
-
-    Returns:
-        `layer`, marked.
-
-    Raises:
-        TypeError: if `layer` is not a Keras layer.
-        ValueError: if it is not a linear layer, or an option is invalid.
-
-    Example:
-
-    >>> model = bnseq.Sequential([
-    ...     keras.Input((4,)),
-    ...     bnseq.with_batch_norm(keras.layers.Dense(8, activation="relu"),
-    ...                           momentum=0.9),
-    ...     keras.layers.Dense(2),
-    ... ])
-    >>> [type(layer).__name__ for layer in model.layers]
-    ['Dense', 'BatchNormalization', 'Activation', 'Dense']
-    >>> model.layers[1].momentum
-    0.9
-    """
-    _check_markable(layer, "with_batch_norm")
-    rewrite.check_splittable(layer)
-    _MARKS[layer] = rules.check_batch_norm(
-        options or True, owner=rules.describe(layer)
-    )
-    return layer
-
-
-def without_batch_norm(layer):
-    """Marks a layer to be added unchanged by a `bnseq.Sequential`.
-
-    Args:
-        layer: Layer.
-
-    Returns:
-        `layer`, marked.
-
-    Raises:
-        TypeError: if `layer` is not a Keras layer.
-
-    Example:
-
-    >>> model = bnseq.Sequential([
-    ...     keras.Input((4,)),
-    ...     keras.layers.Dense(8, activation="relu"),
-    ...     bnseq.without_batch_norm(keras.layers.Dense(2, activation="softmax")),
-    ... ], batch_norm=True)
-    >>> [type(layer).__name__ for layer in model.layers]
-    ['Dense', 'BatchNormalization', 'Activation', 'Dense']
-    """
-    _check_markable(layer, "without_batch_norm")
-    _MARKS[layer] = False
-    return layer
-
-
-def _check_markable(layer, function):
-    if not isinstance(layer, keras.Layer):
-        raise TypeError(
-            f"`{function}` marks a Keras layer. Received: layer={layer!r} "
-            f"(of type {type(layer).__name__})"
+        For the rewrite engine (`batch_normalize`): nothing is normalized
+        again, as in `from_config`.
+        """
+        model = cls(**kwargs)
+        model._restore_units(
+            ([] if input_tensor is None else [input_tensor]) + list(layers), unit_sizes
         )
+        if model._layers:
+            model._maybe_rebuild()
+        return model
+
+
+@dataclasses.dataclass(eq=False)
+class _State:
+    """What bnseq keeps for a model outside Keras's attribute tracking.
+
+    Kept in `_STATE`, not on the model: as attributes, Keras would track the
+    graph as a sublayer (on PyTorch, a child module) and `save_weights` would
+    write it as a group of its own.
+
+    Attributes:
+        graph: the functional graph built last, for `build` to extend.
+        traced: tuple of the layers that graph covers.
+        pending: list of `(message or callable, category)` warnings of layers
+            added but not yet warned about (see `_flush_warnings`).
+        inserted: the BatchNormalization layers bnseq inserted, which a
+            BatchNormalization added next may take the place of.
+    """
+
+    graph: object = None
+    traced: tuple = ()
+    pending: list = dataclasses.field(default_factory=list)
+    inserted: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
+
+    def remember(self, model):
+        self.graph = model._functional
+        self.traced = tuple(model._layers) if self.graph is not None else ()
+
+
+_STATE = weakref.WeakKeyDictionary()
 
 
 def _serialize_options(options):

@@ -153,7 +153,7 @@ def test_error_batch_norm_false():
 
 
 def test_error_not_a_model():
-    with pytest.raises(TypeError, match=re.escape("batch_normalize expects a keras.Model. Received: model=")):
+    with pytest.raises(TypeError, match=re.escape("batch_normalize expects a keras.Model or the path of a .keras file. Received: model=")):
         bnseq.batch_normalize(layers.Dense(2))
 
 
