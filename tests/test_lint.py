@@ -225,3 +225,15 @@ def test_resnet50_has_one_bn001_per_batch_norm(applications):
     assert len(batch_norms) == 53
     assert [f.code for f in findings] == ["BN001"] * 53
     assert [f.layer for f in findings] == batch_norms
+
+
+def test_bn004_in_a_functional_model():
+    inputs = keras.Input((4,))
+    x = layers.BatchNormalization(name="a")(layers.Dense(3, use_bias=False, name="d")(inputs))
+    model = keras.Model(inputs, layers.BatchNormalization(name="b")(x))
+    (finding,) = bnseq.lint(model)
+    assert (finding.code, finding.layer, finding.producer) == ("BN004", "b", "a")
+    assert finding.message == (
+        "BatchNormalization 'b' directly follows BatchNormalization 'a', whose output is already "
+        "normalized; the second one only adds parameters and computation. Keep one of them."
+    )

@@ -740,3 +740,81 @@ def test_pop_then_add_rebuilds_correctly():
     model.add(layers.Dense(7))
     assert model.output_shape == (None, 7)
     assert model(np.ones((2, 5), "float32")).shape == (2, 7)
+
+
+# A BatchNormalization the user placed is taken over, never doubled ------------
+
+
+def test_list_form_takes_over_the_users_batch_norm():
+    user_bn = layers.BatchNormalization(momentum=0.9, name="mine")
+    model = bnseq.Sequential(
+        [keras.Input((8, 8, 3)), layers.Conv2D(8, 3, name="c"), user_bn, layers.Activation("relu", name="act")],
+        batch_norm=True,
+    )
+    assert classes(model) == ["Conv2D", "BatchNormalization", "Activation"]
+    assert model.layers[1] is user_bn and user_bn.momentum == 0.9
+    assert bnseq.lint(model) == []
+    assert model.pop().name == "act"
+    assert model.pop().name == "c"  # the unit: conv and the user's BN
+    assert model.layers == []
+
+
+def test_add_takes_over_a_batch_norm_after_the_activation():
+    """The naive placement `Dense(relu)`, BN becomes Dense, BN, ReLU, as batch_normalize does."""
+    model = bnseq.Sequential([keras.Input((4,))], batch_norm=True)
+    model.add(layers.Dense(5, activation="relu", name="d"))
+    user_bn = layers.BatchNormalization(epsilon=0.01, name="mine")
+    model.add(user_bn)
+    assert [layer.name for layer in model.layers] == ["d", "mine", "d_relu"]
+    assert bnseq.lint(model) == []
+
+
+def test_takes_over_after_an_activation_layer():
+    model = bnseq.Sequential(
+        [keras.Input((4,)), layers.Dense(5, name="d"), layers.ReLU(name="r"), layers.BatchNormalization(name="mine")],
+        batch_norm=True,
+    )
+    assert [layer.name for layer in model.layers] == ["d", "mine", "r"]
+
+
+def test_takeover_on_the_wrong_axis_gets_the_right_one_with_a_warning():
+    with pytest.warns(bnseq.BatchNormPlacementWarning) as record:
+        model = bnseq.Sequential(
+            [
+                keras.Input((3, 8, 8)),
+                layers.Conv2D(4, 3, data_format="channels_first", name="c"),
+                layers.BatchNormalization(momentum=0.8, name="mine"),
+            ],
+            batch_norm=True,
+        )
+    (bn,) = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    assert (bn.name, bn.axis, bn.momentum) == ("mine", 1, 0.8)
+    placement = [str(w.message) for w in record if w.category is bnseq.BatchNormPlacementWarning]
+    assert placement == [
+        "BatchNormalization 'mine' (item 2 of the layers list) normalizes axis -1, but it takes the place "
+        "of the normalization of Conv2D 'c', whose channels are on axis 1: bnseq uses a new "
+        "BatchNormalization 'mine' with its options on axis 1. Write `BatchNormalization(axis=1)` to say so."
+    ]
+
+
+def test_a_second_batch_norm_is_bn004():
+    model = bnseq.Sequential([keras.Input((4,)), layers.Dense(5, name="d")], batch_norm=True)
+    model.add(layers.BatchNormalization(name="first"))
+    with pytest.warns(bnseq.BatchNormPlacementWarning) as record:
+        model.add(layers.BatchNormalization(name="second"))
+    assert [str(w.message) for w in record] == [
+        "BatchNormalization 'second' directly follows BatchNormalization 'first', whose output is already "
+        "normalized; the second one only adds parameters and computation. Keep one of them."
+    ]
+    assert [(f.code, f.layer, f.producer) for f in bnseq.lint(model)] == [("BN004", "second", "first")]
+
+
+def test_batch_norm_false_adds_a_batch_norm_unchanged():
+    model = bnseq.Sequential([keras.Input((4,)), layers.Dense(5, name="d")], batch_norm=True)
+    with pytest.warns(bnseq.BatchNormPlacementWarning) as record:
+        model.add(layers.BatchNormalization(name="extra"), batch_norm=False)
+    assert [str(w.message) for w in record] == [
+        "BatchNormalization 'extra' directly follows BatchNormalization 'd_bn', whose output is already "
+        "normalized; the second one only adds parameters and computation. Keep one of them."
+    ]
+    assert [layer.name for layer in model.layers] == ["d", "d_bn", "extra"]
