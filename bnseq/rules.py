@@ -7,8 +7,11 @@ placement rules that `bnseq.Sequential` warns about and `bnseq.lint` reports.
 
 import difflib
 import inspect
+import math
+import numbers
 
 import keras
+import numpy as np
 from keras import layers
 
 # The linear layers bnseq rewrites, and their subclasses. Each computes
@@ -217,8 +220,22 @@ def _check_values(options, where, received):
     are checked here.
     """
     for key in ("center", "scale", "synchronized", "renorm"):
-        if key in options and not isinstance(options[key], bool):
-            raise ValueError(f"{where}: `{key}` must be True or False. {received}")
+        if key in options:
+            if not isinstance(options[key], (bool, np.bool_)):
+                raise ValueError(f"{where}: `{key}` must be True or False. {received}")
+            options[key] = bool(options[key])  # a NumPy bool is a bool to Keras users
+    for key in ("momentum", "epsilon", "renorm_momentum"):
+        value = options.get(key)
+        if value is None and key == "renorm_momentum":
+            continue
+        if key in options and (
+            isinstance(value, (bool, np.bool_))
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(
+                f"{where}: `{key}` must be a finite number. Received: {key}={value!r}"
+            )
     backend = keras.backend.backend()
     if options.get("synchronized") and backend != "tensorflow":
         raise ValueError(

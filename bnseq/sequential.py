@@ -173,6 +173,24 @@ class Sequential(keras.Sequential):
             else:
                 notices.warn(message, category)
 
+    def save(self, filepath, *args, **kwargs):
+        """Saves the model, as `keras.Model.save`; warns for the legacy `.h5` format.
+
+        A `.h5` file records the model as a plain `keras.Sequential` (Keras's
+        legacy format keeps no registered class name), so loading it gives the
+        layers back without bnseq's settings (`batch_norm`, the units `pop()`
+        takes back). `.keras` keeps them.
+        """
+        if str(filepath).endswith((".h5", ".hdf5")):
+            notices.warn(
+                f"bnseq.Sequential '{self.name}' is saved to '{filepath}' in Keras's "
+                "legacy HDF5 format, which loads back as a plain keras.Sequential: "
+                "the layers are kept, bnseq's settings (batch_norm, the units pop() "
+                "takes back) are not. Save to a .keras file to keep them.",
+                UserWarning,
+            )
+        return super().save(filepath, *args, **kwargs)
+
     def compile(self, *args, **kwargs):
         """Configures the model for training, as `keras.Model.compile`.
 
