@@ -86,3 +86,24 @@ def stacks(draw, max_layers=4):
     shape = tuple(draw(st.integers(2, 3)) for _ in range(rank + 1))
     model_batch_norm = draw(st.sampled_from([True, False, {"epsilon": 1e-4}]))
     return shape, specs, model_batch_norm
+
+
+def build_by_hand(shape, specs, model_batch_norm):
+    """The normalized form written out in plain Keras, independently of bnseq."""
+    model = keras.Sequential([keras.Input(shape)])
+    for spec in specs:
+        if not spec.normalized(model_batch_norm):
+            model.add(spec.make())
+            continue
+        model.add(spec.make(use_bias=False, activation=None))
+        options = {
+            **(model_batch_norm if isinstance(model_batch_norm, dict) else {}),
+            **(spec.batch_norm if isinstance(spec.batch_norm, dict) else {}),
+        }
+        model.add(layers.BatchNormalization(axis=spec.channel_axis, **options))
+        activation = spec.make().activation
+        if isinstance(activation, keras.Layer):
+            model.add(activation)
+        elif activation is not keras.activations.linear:
+            model.add(layers.Activation(activation))
+    return model

@@ -153,7 +153,8 @@ def test_error_batch_norm_false():
 
 
 def test_error_not_a_model():
-    with pytest.raises(TypeError, match=re.escape("batch_normalize expects a keras.Model or the path of a .keras file. Received: model=")):
+    expected = "batch_normalize expects a keras.Model or the path of a .keras file. Received: model="
+    with pytest.raises(TypeError, match=re.escape(expected)):
         bnseq.batch_normalize(layers.Dense(2))
 
 

@@ -323,7 +323,8 @@ def test_batch_norm_in_another_model_than_its_producer_is_kept():
 
 
 def test_errors():
-    with pytest.raises(TypeError, match=re.escape("fold expects a keras.Model or the path of a .keras file. Received: model=")):
+    expected = "fold expects a keras.Model or the path of a .keras file. Received: model="
+    with pytest.raises(TypeError, match=re.escape(expected)):
         bnseq.fold(layers.Dense(2))
     unbuilt = keras.Sequential([layers.Dense(2)], name="later")
     with pytest.raises(

@@ -2,7 +2,6 @@
 
 
 import keras
-import pytest
 from keras import layers
 
 import bnseq

@@ -59,7 +59,11 @@ def test_one_prelu_for_two_dense_layers_is_a_clear_error_and_the_model_is_unchan
 
 def test_list_form_warns_as_add_does():
     def stack():
-        return [keras.Input((5, 8)), layers.Dense(4, use_bias=False, name="d"), layers.BatchNormalization(axis=1, name="bn")]
+        return [
+            keras.Input((5, 8)),
+            layers.Dense(4, use_bias=False, name="d"),
+            layers.BatchNormalization(axis=1, name="bn"),
+        ]
 
     with pytest.warns(bnseq.BatchNormPlacementWarning) as listed:
         bnseq.Sequential(stack())

@@ -8,6 +8,7 @@ from keras import layers
 
 import bnseq
 from bnseq.probes import infer
+from tests.strategies import build_by_hand
 from tests.strategies import stacks
 
 
@@ -21,23 +22,6 @@ def build_bnseq(shape, specs, model_batch_norm):
 
 def build_plain(shape, specs):
     return keras.Sequential([keras.Input(shape), *(spec.make() for spec in specs)])
-
-
-def build_by_hand(shape, specs, model_batch_norm):
-    """The normalized form written out in plain Keras, independently of bnseq."""
-    model = keras.Sequential([keras.Input(shape)])
-    for spec in specs:
-        if not spec.normalized(model_batch_norm):
-            model.add(spec.make())
-            continue
-        model.add(spec.make(use_bias=False, activation=None))
-        model.add(layers.BatchNormalization(axis=spec.channel_axis))
-        activation = spec.make().activation
-        if isinstance(activation, keras.Layer):
-            model.add(activation)
-        elif activation is not keras.activations.linear:
-            model.add(layers.Activation(activation))
-    return model
 
 
 @given(stacks())
