@@ -87,3 +87,18 @@ def test_is_a_keras_sequential():
     model = bnseq.Sequential()
     assert isinstance(model, keras.Sequential)
     assert isinstance(model, keras.Model)
+
+
+def test_keras_sequential_private_surface():
+    """Fails loudly if keras.Sequential's private state, which bnseq.Sequential works with, changes.
+
+    bnseq.Sequential reads and writes `_layers` (the stack, InputLayer first),
+    `_functional` (the graph built last) and calls `_maybe_rebuild()`, as
+    Keras's own `add`, `pop` and `from_config` do (checked on Keras 3.14, 3.15).
+    """
+    model = keras.Sequential([keras.Input((3,))])
+    assert isinstance(model._layers, list) and isinstance(model._layers[0], keras.layers.InputLayer)
+    assert model._functional is None or isinstance(model._functional, keras.Model)
+    model._layers.append(keras.layers.Dense(2))
+    model._maybe_rebuild()
+    assert isinstance(model._functional, keras.Model) and model.output_shape == (None, 2)
