@@ -233,9 +233,7 @@ def _check_values(options, where, received):
             or not isinstance(value, numbers.Real)
             or not math.isfinite(value)
         ):
-            raise ValueError(
-                f"{where}: `{key}` must be a finite number. Received: {key}={value!r}"
-            )
+            raise ValueError(f"{where}: `{key}` must be a finite number. {received}")
     backend = keras.backend.backend()
     if options.get("synchronized") and backend != "tensorflow":
         raise ValueError(

@@ -96,10 +96,10 @@ def test_weights_file_has_the_layout_of_keras_sequential(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"epsilon": float("inf")}, "`epsilon` must be a finite number. Received: epsilon=inf"),
-        ({"epsilon": float("nan")}, "`epsilon` must be a finite number. Received: epsilon=nan"),
-        ({"momentum": True}, "`momentum` must be a finite number. Received: momentum=True"),
-        ({"momentum": "0.9"}, "`momentum` must be a finite number. Received: momentum='0.9'"),
+        ({"epsilon": float("inf")}, "`epsilon` must be a finite number. Received: batch_norm={'epsilon': inf}"),
+        ({"epsilon": float("nan")}, "`epsilon` must be a finite number. Received: batch_norm={'epsilon': nan}"),
+        ({"momentum": True}, "`momentum` must be a finite number. Received: batch_norm={'momentum': True}"),
+        ({"momentum": "0.9"}, "`momentum` must be a finite number. Received: batch_norm={'momentum': '0.9'}"),
     ],
 )
 def test_option_values_a_keras_user_would_not_pass(options, message):

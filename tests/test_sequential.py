@@ -547,9 +547,8 @@ def test_error_batch_norm_with_an_unknown_key():
         ),
         (
             {"momentum": "fast"},
-            "`batch_norm`: keras.layers.BatchNormalization rejects these options "
-            "on the tensorflow backend: could not convert string to float: "
-            "'fast' Received: batch_norm={'momentum': 'fast'}",
+            "`batch_norm`: `momentum` must be a finite number. "
+            "Received: batch_norm={'momentum': 'fast'}",
         ),
         (
             {"momentum": 1.5},
