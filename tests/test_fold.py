@@ -16,20 +16,24 @@ from bnseq.fold import folded_weights
 from bnseq.fold import scale_kernel
 from bnseq.probes import infer
 
-RNG = np.random.default_rng(0)
+
+def rng(seed=0):
+    """A fresh generator: each test draws its own numbers, whatever ran before."""
+    return np.random.default_rng(seed)
 
 
-def randomize_statistics(model, rng=RNG):
+def randomize_statistics(model, generator=None):
     """Non-trivial BatchNormalization statistics and affine parameters."""
+    generator = generator or rng(0)
     for layer in model._flatten_layers():
         if isinstance(layer, layers.BatchNormalization):
             channels = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.5, channels))
-            layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
+            layer.moving_mean.assign(generator.normal(0, 0.5, channels))
+            layer.moving_variance.assign(generator.uniform(0.3, 2.0, channels))
             if layer.scale:
-                layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+                layer.gamma.assign(generator.uniform(0.5, 1.5, channels))
             if layer.center:
-                layer.beta.assign(rng.normal(0, 0.5, channels))
+                layer.beta.assign(generator.normal(0, 0.5, channels))
     return model
 
 
@@ -57,7 +61,7 @@ def single(layer, input_shape, batch_norm_kwargs=None, bias=False):
         ]
     )
     if bias:  # a non-zero bias, to check `s * (bias - mean) + beta`
-        layer.bias.assign(RNG.normal(size=layer.bias.shape))
+        layer.bias.assign(rng(1).normal(size=layer.bias.shape))
     return randomize_statistics(model)
 
 
@@ -104,7 +108,7 @@ def test_every_layer_kind_and_data_format(case, data_format, use_bias):
     assert [type(each).__name__ for each in folded.layers] == [type(layer).__name__, "ReLU"]
     # A ReLU layer stays: only `Activation` layers merge back into the layer.
     assert folded.layers[0].use_bias
-    x = RNG.normal(size=(3, *shape)).astype("float32")
+    x = rng(2).normal(size=(3, *shape)).astype("float32")
     assert relative_error(model, folded, x) <= 1e-5
 
 
@@ -116,7 +120,7 @@ def test_batch_norm_options(options):
     model = single(layers.Conv2D(4, 3), (6, 6, 3), batch_norm_kwargs=options)
     folded = bnseq.fold(model)
     assert len(folded.layers) == 2
-    assert relative_error(model, folded, RNG.normal(size=(2, 6, 6, 3)).astype("float32")) <= 1e-5
+    assert relative_error(model, folded, rng(3).normal(size=(2, 6, 6, 3)).astype("float32")) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -139,7 +143,7 @@ def test_channels_first_layer_whose_last_spatial_size_equals_its_channels(make, 
     layer = model.layers[0]
     assert layer.output.shape[1] == layer.output.shape[-1]
     folded = bnseq.fold(model)
-    x = RNG.normal(size=(2, *shape)).astype("float32")
+    x = rng(4).normal(size=(2, *shape)).astype("float32")
     assert relative_error(model, folded, x) <= 1e-5
     jit_compile = bnseq.probes.needs_xla(model)  # True where TF has no NCHW kernels
     for each in (model, folded):
@@ -177,7 +181,7 @@ def test_fold_math_matches_batch_normalization():
     bn = layers.BatchNormalization(epsilon=0.01)
     bn.build((None, 3))
     randomize_statistics(keras.Sequential([keras.Input((3,)), bn]))
-    x = RNG.normal(size=(4, 3))
+    x = rng(5).normal(size=(4, 3))
     scale, shift = batch_norm_affine(
         bn.moving_mean.numpy(), bn.moving_variance.numpy(), 0.01, bn.gamma.numpy(), bn.beta.numpy()
     )
@@ -213,9 +217,9 @@ def test_trained_bnseq_model():
         ],
         batch_norm={"momentum": 0.5},
     )
-    x = RNG.normal(size=(32, 8, 8, 2)).astype("float32")
+    x = rng(6).normal(size=(32, 8, 8, 2)).astype("float32")
     model.compile(optimizer="adam", loss="mse")
-    model.fit(x, RNG.normal(size=(32, 2)), epochs=3, batch_size=8, verbose=0)
+    model.fit(x, rng(7).normal(size=(32, 2)), epochs=3, batch_size=8, verbose=0)
     weights = [w.copy() for w in model.get_weights()]
     folded = bnseq.fold(model)
     assert type(folded) is keras.Sequential
@@ -241,7 +245,7 @@ def test_nested_models_fold_and_result_is_plain_keras(tmp_path):
     assert layers.BatchNormalization not in kinds
     assert bnseq.Sequential not in kinds
     assert all(kind.__module__.startswith("keras.") for kind in kinds)
-    assert relative_error(model, folded, RNG.normal(size=(3, 5)).astype("float32")) <= 1e-5
+    assert relative_error(model, folded, rng(8).normal(size=(3, 5)).astype("float32")) <= 1e-5
 
     # Loadable where bnseq cannot be imported.
     path = tmp_path / "folded.keras"
@@ -268,7 +272,7 @@ def test_shared_layers_and_model_outputs_stay_correct():
     assert [(d.batch_norm, d.folded) for d in report] == [("bn", False)]
     assert report[0].reason == "the output of Dense 'd' is also used elsewhere"
     folded = bnseq.fold(model)
-    x = RNG.normal(size=(2, 4)).astype("float32")
+    x = rng(9).normal(size=(2, 4)).astype("float32")
     for a, b in zip(model(x, training=False), folded(x, training=False)):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-6)
 
@@ -298,7 +302,7 @@ def test_report_gives_each_reason():
     randomize_statistics(model)
     folded = bnseq.fold(model)
     assert sum(isinstance(layer, layers.BatchNormalization) for layer in folded.layers) == 5
-    x = RNG.normal(size=(2, 4, 4, 3)).astype("float32")
+    x = rng(10).normal(size=(2, 4, 4, 3)).astype("float32")
     assert relative_error(model, folded, x) <= 1e-5
 
     with pytest.raises(ValueError) as error:
@@ -344,7 +348,7 @@ def test_keras_applications(name, input_shape):
     model = getattr(keras.applications, name)(
         weights=None, input_shape=input_shape, classes=10, classifier_activation=None
     )
-    randomize_statistics(model, np.random.default_rng(1))
+    randomize_statistics(model, rng(1))
     report = bnseq.fold_report(model)
     assert report and all(decision.folded for decision in report)
     folded = bnseq.fold(model, strict=True)
@@ -384,5 +388,5 @@ def test_folded_units_are_the_architecture_without_batch_norm():
         ]
 
     assert structure(folded) == structure(plain)
-    x = RNG.normal(size=(2, 9, 9, 2)).astype("float32")
+    x = rng(11).normal(size=(2, 9, 9, 2)).astype("float32")
     assert relative_error(model, folded, x) <= 1e-5
