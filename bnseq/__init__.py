@@ -7,6 +7,7 @@ from bnseq.fold import FoldDecision
 from bnseq.fold import fold
 from bnseq.fold import fold_report
 from bnseq.fold import fold_with_report
+from bnseq.layers import BatchNormalization
 from bnseq.lint import Finding
 from bnseq.lint import lint
 from bnseq.marks import with_batch_norm
@@ -16,6 +17,7 @@ from bnseq.notices import PlatformWarning
 from bnseq.sequential import Sequential
 
 __all__ = [
+    "BatchNormalization",
     "BatchNormPlacementWarning",
     "Finding",
     "FoldDecision",

@@ -3,6 +3,7 @@
 
 import keras
 
+from bnseq import layers as layers_module
 from bnseq import marks
 from bnseq import notices
 from bnseq import probes
@@ -150,7 +151,8 @@ class Sequential(units.Units, keras.Sequential):
                 self._check_not_in_model(layer, index)
             producer = self.layers[-1] if self.layers else None
             self._append([layer], rebuild)
-            if isinstance(layer, keras.layers.BatchNormalization) and producer is not None:
+            checks_itself = layers_module.is_auto(layer)  # it warns when it first runs
+            if isinstance(layer, keras.layers.BatchNormalization) and producer is not None and not checks_itself:
                 # Judged once the model is built, when the producer's rank is known.
                 pending.append((lambda: rules.placement_problems(producer, layer), None))
         pending.append((lambda: probes.channels_first_warning(layer), notices.PlatformWarning))

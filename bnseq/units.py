@@ -16,6 +16,7 @@ import weakref
 
 import keras
 
+from bnseq import layers as layers_module
 from bnseq import notices
 from bnseq import rewrite
 from bnseq import rules
@@ -115,7 +116,9 @@ class Units:
         self._check_not_in_model(batch_norm, index)
         axis = rules.channel_axis(linear)
         replacement, message = batch_norm, None
-        if not rules.same_axis(batch_norm.axis, axis, rules.output_rank(linear)):
+        if layers_module.is_auto(batch_norm):
+            batch_norm.settle(axis)  # "auto": the axis of the layer it normalizes
+        elif not rules.same_axis(batch_norm.axis, axis, rules.output_rank(linear)):
             if batch_norm.built:
                 raise ValueError(
                     f"{rules.describe(batch_norm, index)} is built on axis {batch_norm.axis}, "
