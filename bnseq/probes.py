@@ -100,11 +100,11 @@ def channels_first_warning(layer):
         return None
     _warned.add("channels_first")
     flag = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    setting = "unset" if flag is None else f"={flag}"
+    setting = "TF_ENABLE_ONEDNN_OPTS is unset" if flag is None else f"TF_ENABLE_ONEDNN_OPTS={flag}"
     return (
         f"{rules.describe(layer)} is channels_first, and TensorFlow on this CPU "
         "has no kernels for channels_first convolutions (they come with oneDNN, "
-        f"which is off: TF_ENABLE_ONEDNN_OPTS {setting}, and TensorFlow turns it on "
+        f"which is off: {setting}, and TensorFlow turns it on "
         f"by default only on CPUs with AVX-512; {ONEDNN_ISSUE}). Eager calls such as `model(x)` "
         "fail here with UnimplementedError. bnseq.Sequential.compile() turns "
         "jit_compile='auto' into jit_compile=True for such a model, so fit, "

@@ -60,11 +60,11 @@ def test_platform_warning_once_when_a_channels_first_layer_is_added(fresh_warnin
     assert len(platform) == 1
     assert platform[0].filename == __file__  # points at the user's line
     setting = probes.os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    setting = "unset" if setting is None else f"={setting}"
+    setting = "TF_ENABLE_ONEDNN_OPTS is unset" if setting is None else f"TF_ENABLE_ONEDNN_OPTS={setting}"
     assert str(platform[0].message) == (
         "Conv2D 'c' is channels_first, and TensorFlow on this CPU has no kernels for "
         "channels_first convolutions (they come with oneDNN, which is off: "
-        f"TF_ENABLE_ONEDNN_OPTS {setting}, and TensorFlow turns it on by default only on "
+        f"{setting}, and TensorFlow turns it on by default only on "
         "CPUs with AVX-512; https://github.com/keras-team/keras/issues/23650). Eager calls such "
         "as `model(x)` fail here with UnimplementedError. bnseq.Sequential.compile() turns "
         "jit_compile='auto' into jit_compile=True for such a model, so fit, evaluate and "
