@@ -14,6 +14,9 @@ from bnseq.marks import with_batch_norm
 from bnseq.marks import without_batch_norm
 from bnseq.notices import BatchNormPlacementWarning
 from bnseq.notices import PlatformWarning
+from bnseq.recalibrate import Recalibration
+from bnseq.recalibrate import RecalibrationReport
+from bnseq.recalibrate import recalibrate
 from bnseq.sequential import Sequential
 
 __all__ = [
@@ -22,12 +25,15 @@ __all__ = [
     "Finding",
     "FoldDecision",
     "PlatformWarning",
+    "Recalibration",
+    "RecalibrationReport",
     "Sequential",
     "batch_normalize",
     "fold",
     "fold_report",
     "fold_with_report",
     "lint",
+    "recalibrate",
     "with_batch_norm",
     "without_batch_norm",
 ]

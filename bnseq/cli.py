@@ -1,4 +1,4 @@
-"""The `bnseq` command line: `bnseq demo`, `bnseq lint`, `bnseq fold`."""
+"""The `bnseq` command line: `bnseq demo`, `bnseq lint`, `bnseq fold`, `bnseq recalibrate`."""
 
 import argparse
 import json
@@ -69,6 +69,20 @@ def _parser():
         action="store_true",
         help="fail, writing nothing, if any BatchNormalization cannot fold",
     )
+    recalibrate = commands.add_parser(
+        "recalibrate",
+        help="set BatchNormalization statistics to their exact values over data",
+        description="Write IN.keras as OUT.keras with every BatchNormalization's moving mean and "
+        "variance set to the exact mean and variance of its input over the data (inference mode, "
+        "earlier layers recalibrated first); prints a table of the changes. --data is a .npy "
+        "array of model inputs, or a .npz whose arrays are the model's inputs in order. Exit "
+        "status: 0 when written, 2 when a file cannot be read or written.",
+    )
+    recalibrate.add_argument("input", metavar="IN.keras")
+    recalibrate.add_argument("output", metavar="OUT.keras")
+    recalibrate.add_argument("--data", required=True, metavar="FILE", help=".npy or .npz of model inputs")
+    recalibrate.add_argument("--batch-size", type=_positive, default=32, help="batch size (default 32)")
+    recalibrate.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     return parser
 
 
@@ -86,6 +100,8 @@ def main(argv=None):
         return _lint(args.paths, args.format, not args.unsafe)
     if args.command == "fold":
         return _fold(args.input, args.output, args.strict, not args.unsafe)
+    if args.command == "recalibrate":
+        return _recalibrate(args.input, args.output, args.data, args.batch_size, not args.unsafe)
     parser.print_help()
     return 2
 
@@ -158,6 +174,39 @@ def _fold(input_path, output_path, strict, safe_mode):
         f"Largest output difference on a random probe: {difference:.3g} "
         f"(relative {relative:.3g})."
     )
+    print(f"Wrote {output_path}")
+    return 0
+
+
+def _recalibrate(input_path, output_path, data_path, batch_size, safe_mode):
+    import numpy as np
+
+    try:
+        model = bnseq.files.as_model(input_path, safe_mode=safe_mode)
+    except (OSError, ValueError) as error:
+        return _fail(str(error).splitlines()[0])
+    if not str(output_path).endswith(".keras"):
+        return _fail(f"the output file must end in .keras. Received: {output_path}")
+    try:
+        loaded = np.load(data_path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        return _fail(f"cannot read the data '{data_path}': {str(error).splitlines()[0]}")
+    if isinstance(loaded, np.ndarray):  # .npy: the inputs of a one-input model
+        data = loaded
+    else:  # .npz: the model's inputs in order
+        with loaded:
+            data = [loaded[name] for name in loaded.files]
+        data = data[0] if len(data) == 1 else data
+    try:
+        report = bnseq.recalibrate(model, data, batch_size=batch_size, verbose=0)
+    except (TypeError, ValueError) as error:
+        return _fail(f"cannot recalibrate '{input_path}' on '{data_path}': {str(error).splitlines()[0]}")
+    try:
+        model.save(output_path)
+    except (OSError, ValueError) as error:
+        return _fail(f"cannot write '{output_path}': {str(error).splitlines()[0]}")
+    print(f"Recalibrated {len(report)} BatchNormalization layers on {data_path}.")
+    print(report)
     print(f"Wrote {output_path}")
     return 0
 

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
+from keras import layers
 
 import bnseq
 from bnseq import cli
@@ -285,3 +288,33 @@ def test_fold_bad_files_exit_2_with_one_line(trained_file, tmp_path, capsys, arg
     captured = capsys.readouterr()
     assert captured.err.startswith("bnseq: error: " + expected.format(d=tmp_path))
     assert len(captured.err.splitlines()) == 1 and "Traceback" not in captured.err
+
+
+def test_recalibrate_writes_exact_statistics(tmp_path, capsys):
+    model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4, name="d")], batch_norm=True)
+    model.save(tmp_path / "in.keras")
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(40, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    assert cli.main(["recalibrate", str(tmp_path / "in.keras"), str(tmp_path / "out.keras"),
+                     "--data", str(tmp_path / "x.npy"), "--batch-size", "7"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"Recalibrated 1 BatchNormalization layers on {tmp_path / 'x.npy'}."
+    assert out[2].split()[:2] == ["d_bn", "40"]
+    restored = keras.saving.load_model(tmp_path / "out.keras")
+    features = x @ keras.ops.convert_to_numpy(restored.get_layer("d").kernel).astype(np.float64)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored.get_layer("d_bn").moving_mean),
+                               features.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored.get_layer("d_bn").moving_variance),
+                               features.var(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_bad_data_exit_2(tmp_path, capsys):
+    model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4)], batch_norm=True)
+    model.save(tmp_path / "in.keras")
+    missing = tmp_path / "missing.npy"
+    assert cli.main(["recalibrate", str(tmp_path / "in.keras"), str(tmp_path / "out.keras"),
+                     "--data", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"bnseq: error: cannot read the data '{missing}': [Errno 2] No such file or directory: '{missing}'\n"
+    )
+    assert not (tmp_path / "out.keras").exists()

@@ -1,0 +1,128 @@
+"""bnseq.recalibrate: the moving statistics become each BatchNormalization input's exact mean and variance."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import bnseq
+
+
+def scramble(model, seed):
+    """Stale statistics, far from anything the data gives."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(5.0, 1.0, channels))
+            layer.moving_variance.assign(rng.uniform(10.0, 20.0, channels))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+            layer.beta.assign(rng.normal(0.0, 0.5, channels))
+    return model
+
+
+def expected_statistics(inputs_of_bn, x, bn):
+    """NumPy's mean and biased variance of the BatchNormalization's input, inference upstream."""
+    values = np.asarray(keras.ops.convert_to_numpy(inputs_of_bn(x, training=False)), np.float64)
+    axes = tuple(axis for axis in range(values.ndim) if axis != bn.axis % values.ndim)
+    return values.mean(axis=axes), values.var(axis=axes)
+
+
+def assert_statistics(bn, mean, variance):
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), variance, rtol=1e-5, atol=1e-6)
+
+
+def sequential_model():
+    return bnseq.Sequential(
+        [keras.Input((6, 6, 2)), layers.Conv2D(3, 3, activation="relu"), layers.Flatten(),
+         layers.Dense(5, activation="tanh"), layers.Dense(4)],
+        batch_norm=True,
+    )
+
+
+def check_sequential(model, x):
+    for index, layer in enumerate(model.layers):
+        if isinstance(layer, layers.BatchNormalization):
+            prefix = keras.Sequential([keras.Input(model.input_shape[1:]), *model.layers[:index]])
+            assert_statistics(layer, *expected_statistics(prefix, x, layer))
+
+
+def test_sequential_arrays_with_a_ragged_last_batch():
+    model = scramble(sequential_model(), 0)
+    x = np.random.default_rng(1).normal(1.0, 2.0, size=(37, 6, 6, 2)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    assert [row.batch_norm for row in report] == [
+        layer.name for layer in model.layers if isinstance(layer, layers.BatchNormalization)
+    ]
+    assert [row.samples for row in report] == [37 * 4 * 4, 37, 37]
+    check_sequential(model, x)
+
+
+def test_tf_data_dataset_of_x_y_batches():
+    tf = pytest.importorskip("tensorflow")
+    model = scramble(sequential_model(), 2)
+    x = np.random.default_rng(3).normal(size=(21, 6, 6, 2)).astype("float32")
+    y = np.zeros((21, 4), "float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)  # 5, 5, 5, 5, 1
+    bnseq.recalibrate(model, dataset, verbose=0)
+    check_sequential(model, x)
+
+
+def test_functional_with_branches_and_nothing_else_changes():
+    inputs = keras.Input((4,))
+    a = layers.BatchNormalization(name="a_bn")(layers.Dense(3, use_bias=False, name="a")(inputs))
+    b = layers.BatchNormalization(name="b_bn")(layers.Dense(3, use_bias=False, name="b")(inputs))
+    merged = layers.Add(name="add")([layers.ReLU()(a), b])
+    out = layers.BatchNormalization(name="out_bn")(layers.Dense(2, use_bias=False, name="c")(merged))
+    model = scramble(keras.Model(inputs, out), 4)
+    untouched = {
+        w.path: keras.ops.convert_to_numpy(w).copy() for w in model.weights if "moving" not in w.path
+    }
+    x = np.random.default_rng(5).normal(3.0, 1.0, size=(30, 4)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=7, verbose=0)
+    assert sorted(row.batch_norm for row in report) == ["a_bn", "b_bn", "out_bn"]
+    for name in ("a_bn", "b_bn", "out_bn"):
+        bn = model.get_layer(name)
+        assert_statistics(bn, *expected_statistics(keras.Model(inputs, bn.input), x, bn))
+    for w in model.weights:
+        if "moving" not in w.path:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), untouched[w.path])
+
+
+def test_nested_model():
+    inner = bnseq.Sequential([keras.Input((3,)), layers.Dense(3, activation="relu")], batch_norm=True, name="inner")
+    inputs = keras.Input((4,))
+    first = layers.BatchNormalization(name="first")(layers.Dense(3, use_bias=False)(inputs))
+    model = scramble(keras.Model(inputs, inner(first)), 6)
+    x = np.random.default_rng(7).normal(-2.0, 0.5, size=(19, 4)).astype("float32")
+    bnseq.recalibrate(model, x, batch_size=4, verbose=0)
+    bn = model.get_layer("first")
+    assert_statistics(bn, *expected_statistics(keras.Model(inputs, bn.input), x, bn))
+    head = keras.Model(inputs, first)
+    inner_bn = inner.layers[1]
+    mean, variance = expected_statistics(
+        lambda data, training: inner.layers[0](head(data, training=training)), x, inner_bn
+    )
+    assert_statistics(inner_bn, mean, variance)
+
+
+def test_report_prints_as_a_table():
+    model = scramble(bnseq.Sequential([keras.Input((2,)), layers.Dense(2, name="d")], batch_norm=True), 8)
+    report = bnseq.recalibrate(model, np.ones((3, 2), "float32"), verbose=0)
+    (row,) = report
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["BatchNormalization", "samples", "max", "|Δ", "mean|", "max", "|Δ", "var|"]
+    assert lines[1].split()[:2] == ["d_bn", "3"]
+    assert row.mean_change > 1.0 and row.variance_change > 5.0
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=re.escape("recalibrate expects a keras.Model. Received: model=")):
+        bnseq.recalibrate(layers.Dense(2), np.ones((2, 2)))
+    model = sequential_model()
+    expected = "recalibrate needs data with at least one batch. Received: data=[]"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        bnseq.recalibrate(model, [])
