@@ -3,16 +3,18 @@
 import os
 
 import keras
+import numpy as np
 
 from bnseq import files
 from bnseq import graph as graph_module
 from bnseq import notices
+from bnseq import recalibrate
 from bnseq import rewrite
 from bnseq import rules
 from bnseq.sequential import Sequential
 
 
-def batch_normalize(model, batch_norm=True, *, safe_mode=True):
+def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps=None, safe_mode=True):
     """Returns a new model with batch normalization in the right place.
 
     Every linear layer (`Dense`, the convolutions and their transposed,
@@ -33,6 +35,17 @@ def batch_normalize(model, batch_norm=True, *, safe_mode=True):
     The original model is not changed. `lint()` of the result is empty, and
     `batch_normalize` of the result gives the same structure again.
 
+    With `data`, the result computes in inference exactly what `model`
+    computes, so training can go on from there: each new BatchNormalization is
+    calibrated on `data` (its moving mean `m` and variance `v` are those of its
+    input, see `bnseq.recalibrate`) and given `gamma = sqrt(v + epsilon)` and
+    `beta = m + bias`, with the bias its linear layer had. At inference it then
+    gives back `x + bias`, whatever `m` and `v` are, so all of them are
+    measured in one pass over `data`; in training its batch statistics are
+    close to `m` and `v`, so the first steps start from the trained model.
+    Taken-over BatchNormalization layers keep their weights, with or without
+    `data`.
+
     Args:
         model: `keras.Model`. Sequential (from Keras or bnseq) or functional
             (built from inputs and outputs, subclasses such as keras-hub
@@ -40,6 +53,11 @@ def batch_normalize(model, batch_norm=True, *, safe_mode=True):
         batch_norm: bool or dict. `True`, or a dict of
             `keras.layers.BatchNormalization` arguments for the
             normalizations this adds (those already in the model keep theirs).
+        data: optional. Data the model takes, as for `bnseq.recalibrate`
+            (arrays, a `tf.data.Dataset`, a `PyDataset`, batches), to keep
+            the model's predictions.
+        batch_size: int, optional. For array `data` (default 32).
+        steps: int, optional. Use only the first `steps` batches of `data`.
         safe_mode: bool. Keras's `safe_mode` for loading a file: `False` for
             a trusted file with `Lambda` layers.
 
@@ -78,8 +96,45 @@ def batch_normalize(model, batch_norm=True, *, safe_mode=True):
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
     model = files.as_model(model, safe_mode=safe_mode)
+    if data is not None and not model.built:
+        raise ValueError(
+            f"batch_normalize(data=...) keeps the predictions of a trained model, but "
+            f"{type(model).__name__} '{model.name}' is not built. Build and train it first, "
+            "or leave `data` out."
+        )
     graph = graph_module.walk(model)
-    return rewrite.apply(model, _plan(graph, options, batch_norm))
+    plan, inserted = _plan(graph, options, batch_norm)
+    result = rewrite.apply(model, plan)
+    if data is not None:
+        _keep_predictions(result, inserted, recalibrate.batches_of(data, batch_size, steps))
+    return result
+
+
+def _keep_predictions(model, inserted, batches):
+    """Calibrate each inserted BatchNormalization so that it gives back `x + bias`."""
+    if not batches:
+        raise ValueError("batch_normalize(data=...) needs data with at least one batch.")
+    # With gamma = sqrt(v + eps) and beta = m + bias, a BatchNormalization gives
+    # x + bias in inference for any moving m and v: first make every inserted one
+    # do so with its initial statistics, then one pass measures them all.
+    for bn, bias in inserted:
+        _set_affine(bn, bias)
+    stats = recalibrate.measure(model, batches, [bn for bn, _ in inserted])
+    for bn, bias in inserted:
+        pooled = stats[id(bn)]
+        if pooled.count:
+            bn.moving_mean.assign(pooled.mean.astype(bn.moving_mean.dtype))
+            bn.moving_variance.assign((pooled.m2 / pooled.count).astype(bn.moving_variance.dtype))
+        _set_affine(bn, bias)
+
+
+def _set_affine(bn, bias):
+    mean = keras.ops.convert_to_numpy(bn.moving_mean).astype(np.float64)
+    variance = keras.ops.convert_to_numpy(bn.moving_variance).astype(np.float64)
+    if bn.scale:
+        bn.gamma.assign(np.sqrt(variance + bn.epsilon).astype(bn.gamma.dtype))
+    if bn.center:
+        bn.beta.assign((mean + bias).astype(bn.beta.dtype))
 
 
 def _plan(graph, options, batch_norm):
@@ -91,6 +146,7 @@ def _plan(graph, options, batch_norm):
         )
 
     plan = rewrite.Plan("batch_normalize", sequential)
+    inserted = []  # (new BatchNormalization, the bias its layer had: a callable giving an array)
     taken = {layer.name for layer in graph.layers}
     for layer in graph.layers:
         if not rules.is_linear(layer):
@@ -107,7 +163,26 @@ def _plan(graph, options, batch_norm):
             notices.warn(message)
         plan.replace[id(layer)] = unit.layers
         plan.finish.append(carry)
-    return plan
+        if existing is not None:
+            plan.finish.append(lambda source=existing, target=unit.layers[1]: _carry_weights(source, target))
+        else:
+            inserted.append((unit.layers[1], _bias_of(layer)))
+    return plan, inserted
+
+
+def _bias_of(layer):
+    """The bias a linear layer adds, as float64 (zeros when it has none)."""
+    channels = layer.bias.shape[0] if layer.use_bias and layer.built else None
+    if channels is None:
+        return 0.0
+    return keras.ops.convert_to_numpy(layer.bias).astype(np.float64)
+
+
+def _carry_weights(source, target):
+    """A taken-over BatchNormalization keeps its weights (where their shapes still fit)."""
+    if [tuple(w.shape) for w in source.weights] == [tuple(w.shape) for w in target.weights]:
+        for original, new in zip(source.weights, target.weights):
+            new.assign(original)
 
 
 def _existing_batch_norm(graph, layer):

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from bnseq import graph as graph_module
+from bnseq import probes
 
 
 class _Measured(Exception):
@@ -94,7 +95,9 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto"):
 
     Raises:
         TypeError: if `model` is not a Keras model.
-        ValueError: if `data` has no batches.
+        ValueError: if `data` has no batches, or the model has channels_first
+            layers that TensorFlow cannot run eagerly on this CPU (see
+            `bnseq.PlatformWarning`).
 
     Example:
 
@@ -110,7 +113,14 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto"):
             "recalibrate expects a keras.Model. "
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
-    batches = _batches(data, batch_size, steps)
+    if probes.needs_xla(model):
+        raise ValueError(
+            f"recalibrate runs {type(model).__name__} '{model.name}' eagerly, batch by batch, and "
+            "TensorFlow on this CPU has no eager kernels for its channels_first layers (oneDNN is "
+            f"off; {probes.ONEDNN_ISSUE}). Set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is "
+            "imported, or use the JAX or PyTorch backend."
+        )
+    batches = batches_of(data, batch_size, steps)
     if not batches:
         raise ValueError(f"recalibrate needs data with at least one batch. Received: data={data!r}")
     graph = graph_module.walk(model)
@@ -120,17 +130,7 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto"):
         progress = keras.utils.Progbar(len(levels) * len(batches), unit_name="batch")
     rows = {}
     for level in levels:
-        stats = {id(layer): _Pooled() for layer in level}
-        with _Recording(level, stats):
-            for x in batches:
-                try:
-                    model(x, training=False)
-                except _Measured:
-                    pass
-                for each in stats.values():
-                    each.batch_done = False
-                if progress is not None:
-                    progress.add(1)
+        stats = measure(model, batches, level, progress)
         for layer in level:
             rows[id(layer)] = _set_statistics(layer, stats[id(layer)])
     in_order = [inner for leaf in graph.layers for inner in graph.hidden_batch_norms(leaf)] + [
@@ -139,6 +139,29 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto"):
     position = {id(layer): index for index, layer in enumerate(graph.layers)}
     in_order.sort(key=lambda layer: position.get(id(layer), -1))
     return RecalibrationReport(rows[id(layer)] for layer in in_order)
+
+
+def measure(model, batches, batch_norms, progress=None):
+    """Pool the inputs of `batch_norms` over `batches` in one pass, in inference mode.
+
+    Each batch's forward pass stops once every one of them has its input.
+
+    Returns:
+        dict: `id(layer)` -> `_Pooled` (`count`, `mean`, and `m2`, the sum of
+        squared deviations, per channel, float64).
+    """
+    stats = {id(layer): _Pooled() for layer in batch_norms}
+    with _Recording(batch_norms, stats):
+        for x in batches:
+            try:
+                model(x, training=False)
+            except _Measured:
+                pass
+            for each in stats.values():
+                each.batch_done = False
+            if progress is not None:
+                progress.add(1)
+    return stats
 
 
 class _Pooled:
@@ -233,7 +256,7 @@ def _place(levels, level, layer):
     levels[level - 1].append(layer)
 
 
-def _batches(data, batch_size, steps):
+def batches_of(data, batch_size, steps):
     """The batches of `x` in `data`, as a list (read once per pass)."""
     if isinstance(data, keras.utils.PyDataset):
         batches = [_x_of(data[index]) for index in range(len(data))]

@@ -126,3 +126,68 @@ def test_errors():
     expected = "recalibrate needs data with at least one batch. Received: data=[]"
     with pytest.raises(ValueError, match=re.escape(expected)):
         bnseq.recalibrate(model, [])
+
+
+# batch_normalize(model, data=...) keeps a trained model's predictions ---------
+
+
+def trained_plain_model():
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2)), layers.Conv2D(4, 3, activation="relu"), layers.Flatten(),
+         layers.Dense(8, activation="tanh"), layers.Dense(3)]
+    )
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(64, 6, 6, 2)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, rng.normal(size=(64, 3)).astype("float32"), epochs=2, batch_size=16, verbose=0)
+    return model, x
+
+
+def relative_difference(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+def test_batch_normalize_with_data_keeps_predictions_and_trains_on():
+    model, x = trained_plain_model()
+    before = keras.ops.convert_to_numpy(model(x, training=False))
+    fixed = bnseq.batch_normalize(model, data=x, batch_size=16)
+    assert [type(layer).__name__ for layer in fixed.layers] == [
+        "Conv2D", "BatchNormalization", "Activation", "Flatten", "Dense", "BatchNormalization",
+        "Activation", "Dense", "BatchNormalization",
+    ]
+    assert bnseq.lint(fixed) == []
+    after = keras.ops.convert_to_numpy(fixed(x, training=False))
+    assert relative_difference(before, after) <= 1e-4
+    without = keras.ops.convert_to_numpy(bnseq.batch_normalize(model)(x, training=False))
+    assert relative_difference(before, without) > 1e-2  # what data= is for
+    # In training mode the batch statistics are the data's: the first step starts where the model was.
+    train_mode = keras.ops.convert_to_numpy(fixed(x, training=True))
+    assert relative_difference(before, train_mode) <= 1e-3
+    fixed.compile(optimizer="adam", loss="mse")
+    history = fixed.fit(x, np.zeros((64, 3), "float32"), epochs=1, batch_size=16, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_batch_normalize_with_data_functional_and_taken_over_weights_kept():
+    inputs = keras.Input((5,))
+    x = layers.Dense(4, name="a")(inputs)
+    kept = layers.BatchNormalization(name="kept")(layers.Dense(4, use_bias=False, name="b")(inputs))
+    model = keras.Model(inputs, layers.Dense(2, name="head")(layers.Concatenate()([x, kept])))
+    scramble(model, 11)
+    data = np.random.default_rng(12).normal(1.0, 2.0, size=(40, 5)).astype("float32")
+    before = keras.ops.convert_to_numpy(model(data, training=False))
+    fixed = bnseq.batch_normalize(model, data=data, batch_size=9)
+    for name in ("kept",):
+        for old, new in zip(model.get_layer(name).weights, fixed.get_layer(name).weights):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(old), keras.ops.convert_to_numpy(new))
+    assert relative_difference(before, keras.ops.convert_to_numpy(fixed(data, training=False))) <= 1e-4
+
+
+def test_batch_normalize_data_needs_a_built_model():
+    unbuilt = keras.Sequential([layers.Dense(2)], name="later")
+    with pytest.raises(ValueError) as error:
+        bnseq.batch_normalize(unbuilt, data=np.ones((2, 3), "float32"))
+    assert str(error.value) == (
+        "batch_normalize(data=...) keeps the predictions of a trained model, but Sequential 'later' is "
+        "not built. Build and train it first, or leave `data` out."
+    )
