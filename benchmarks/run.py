@@ -22,6 +22,7 @@ BENCHMARKS = {
     "train": ("Training: one epoch of fit", "benchmarks.train"),
     "memory": ("Memory: biases removed", "benchmarks.memory"),
     "fold": ("Inference after folding", "benchmarks.fold_inference"),
+    "recalibrate": ("Recalibrating statistics", "benchmarks.recalibrate"),
 }
 PLOT = "build_time.png"
 
