@@ -191,3 +191,27 @@ def test_batch_normalize_data_needs_a_built_model():
         "batch_normalize(data=...) keeps the predictions of a trained model, but Sequential 'later' is "
         "not built. Build and train it first, or leave `data` out."
     )
+
+
+def test_channels_first_runs_or_is_refused_with_the_fixes():
+    from bnseq import probes
+
+    model = scramble(
+        bnseq.Sequential([keras.Input((2, 5, 5)), layers.Conv2D(3, 3, data_format="channels_first")], batch_norm=True),
+        13,
+    )
+    x = np.random.default_rng(14).normal(size=(9, 2, 5, 5)).astype("float32")
+    if probes.channels_first_runs():
+        bnseq.recalibrate(model, x, batch_size=4, verbose=0)
+        check_sequential(model, x)
+        return
+    before = keras.ops.convert_to_numpy(model.layers[1].moving_mean).copy()
+    with pytest.raises(ValueError) as error:
+        bnseq.recalibrate(model, x, verbose=0)
+    assert str(error.value) == (
+        f"recalibrate runs Sequential '{model.name}' eagerly, batch by batch, and TensorFlow on this CPU has "
+        "no eager kernels for its channels_first layers (oneDNN is off; "
+        "https://github.com/keras-team/keras/issues/23650). Set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow "
+        "is imported, or use the JAX or PyTorch backend."
+    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.layers[1].moving_mean), before)
