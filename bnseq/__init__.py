@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from bnseq.convert import batch_normalize
+from bnseq.export import ExportReport
+from bnseq.export import ToleranceError
+from bnseq.export import export
 from bnseq.fold import FoldDecision
 from bnseq.fold import fold
 from bnseq.fold import fold_report
@@ -20,15 +23,18 @@ from bnseq.recalibrate import recalibrate
 from bnseq.sequential import Sequential
 
 __all__ = [
-    "BatchNormalization",
     "BatchNormPlacementWarning",
+    "BatchNormalization",
+    "ExportReport",
     "Finding",
     "FoldDecision",
     "PlatformWarning",
     "Recalibration",
     "RecalibrationReport",
     "Sequential",
+    "ToleranceError",
     "batch_normalize",
+    "export",
     "fold",
     "fold_report",
     "fold_with_report",

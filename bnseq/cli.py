@@ -1,4 +1,4 @@
-"""The `bnseq` command line: `bnseq demo`, `bnseq lint`, `bnseq fold`, `bnseq recalibrate`."""
+"""The `bnseq` command line: `bnseq demo | lint | fold | recalibrate | export`."""
 
 import argparse
 import json
@@ -69,6 +69,23 @@ def _parser():
         action="store_true",
         help="fail, writing nothing, if any BatchNormalization cannot fold",
     )
+    export = commands.add_parser(
+        "export",
+        help="fold, export to ONNX, LiteRT, SavedModel or .keras, and check it in its runtime",
+        description="Fold IN.keras, export it with Keras's Model.export to OUT (.onnx, .tflite, .keras, "
+        "or a directory for a TensorFlow SavedModel), run the artifact in its runtime on a sample and "
+        "compare with the model. Prints the report. Exit status: 0 when written and within the "
+        "tolerance, 1 when the runtime's outputs differ by more (the artifact is written), 2 when a "
+        "file cannot be read or written or a runtime is missing.",
+    )
+    export.add_argument("input", metavar="IN.keras")
+    export.add_argument("output", metavar="OUT")
+    export.add_argument("--format", choices=("onnx", "litert", "tf_saved_model", "keras"), help="instead of the suffix")
+    export.add_argument("--no-fold", action="store_true", help="export the model as it is")
+    export.add_argument("--sample", metavar="FILE.npy", help="inputs to check on (default: random)")
+    export.add_argument("--compare", action="store_true", help="also time an unfolded export")
+    export.add_argument("--rtol", type=float, default=1e-4, help="tolerance, relative to the largest output (1e-4)")
+    export.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     recalibrate = commands.add_parser(
         "recalibrate",
         help="set BatchNormalization statistics to their exact values over data",
@@ -100,6 +117,8 @@ def main(argv=None):
         return _lint(args.paths, args.format, not args.unsafe)
     if args.command == "fold":
         return _fold(args.input, args.output, args.strict, not args.unsafe)
+    if args.command == "export":
+        return _export(args)
     if args.command == "recalibrate":
         return _recalibrate(args.input, args.output, args.data, args.batch_size, not args.unsafe)
     parser.print_help()
@@ -175,6 +194,34 @@ def _fold(input_path, output_path, strict, safe_mode):
         f"(relative {relative:.3g})."
     )
     print(f"Wrote {output_path}")
+    return 0
+
+
+def _export(args):
+    import numpy as np
+
+    try:
+        model = bnseq.files.as_model(args.input, safe_mode=not args.unsafe)
+        sample = None if args.sample is None else np.load(args.sample, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        return _fail(str(error).splitlines()[0])
+    try:
+        report = bnseq.export(
+            model,
+            args.output,
+            format=args.format,
+            fold=not args.no_fold,
+            sample=sample,
+            compare=args.compare,
+            rtol=args.rtol,
+        )
+    except bnseq.ToleranceError as error:
+        print(error.report)
+        print(f"bnseq: {error}", file=sys.stderr)
+        return 1
+    except (ImportError, OSError, ValueError) as error:
+        return _fail(str(error).splitlines()[0])
+    print(report)
     return 0
 
 
