@@ -23,6 +23,7 @@ BENCHMARKS = {
     "memory": ("Memory: biases removed", "benchmarks.memory"),
     "fold": ("Inference after folding", "benchmarks.fold_inference"),
     "recalibrate": ("Recalibrating statistics", "benchmarks.recalibrate"),
+    "export": ("Exported models in their runtimes", "benchmarks.export"),
 }
 PLOT = "build_time.png"
 
