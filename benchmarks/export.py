@@ -15,7 +15,10 @@ from keras import layers
 
 import bnseq
 from benchmarks import common
-from bnseq import export as export_module
+from bnseq.export import _litert
+from bnseq.export import _loaded
+from bnseq.export import _onnx
+from bnseq.export import _write
 
 
 def decoder():
@@ -93,8 +96,8 @@ def runs(model, folded, x, runtime, suffix, threads, directory):
         path = os.path.join(directory, f"{name}.{suffix}")
         if not os.path.exists(path):
             bnseq.probes.infer(each, x)
-            export_module._write(each, path, {"onnx": "onnx", "tflite": "litert"}[suffix])
-        out.append(export_module._loaded(runtime, path, [x], threads, suffix))
+            _write(each, path, {"onnx": "onnx", "tflite": "litert"}[suffix])
+        out.append(_loaded(runtime, path, [x], threads, suffix))
     return out
 
 
@@ -106,8 +109,8 @@ def run(quick=False):
         folded = bnseq.fold(model)
         with tempfile.TemporaryDirectory() as directory:
             for runtime_name, runtime, suffix in (
-                ("ONNX Runtime", export_module._onnx, "onnx"),
-                ("LiteRT", export_module._litert, "tflite"),
+                ("ONNX Runtime", _onnx, "onnx"),
+                ("LiteRT", _litert, "tflite"),
             ):
                 for threads in (1, None):
                     try:
