@@ -240,8 +240,12 @@ def _runtime(chosen):
 def _write(model, path, chosen):
     if chosen == "keras":
         model.save(path)
-    else:
+        return
+    try:
         model.export(path, format=chosen, verbose=False)
+    except Exception as error:  # the converters raise their own error classes
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Keras's {chosen} exporter cannot write '{path}': {first}") from error
 
 
 def _onnx(path, inputs, threads):

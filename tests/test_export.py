@@ -63,14 +63,17 @@ def test_litert_every_linear_kind(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["conv2d", "conv2d_transpose", "conv1d", "depthwise2d_m1"])
 def test_onnx_channels_first(case, tmp_path):
-    """ONNX is channels_first itself; tf2onnx converts the NCHW graph (through XLA where TF lacks kernels)."""
-    from bnseq import probes
-
-    model = unit(case, "channels_first")
-    if not probes.channels_first_runs():
-        pytest.skip("tf2onnx traces the model with TensorFlow's own kernels, which this CPU lacks for NCHW")
-    report = bnseq.export(model, tmp_path / "m.onnx")
+    """ONNX is channels_first itself; on any CPU (tf2onnx converts the graph, it runs no NCHW kernel)."""
+    report = bnseq.export(unit(case, "channels_first"), tmp_path / "m.onnx")
     assert report.max_rel <= 1e-4
+
+
+def test_litert_channels_first_where_the_converter_can(tmp_path):
+    report = bnseq.export(unit("depthwise2d_m1", "channels_first"), tmp_path / "m.tflite")
+    assert report.max_rel <= 1e-4
+    # A channels_first Conv2DTranspose needs TensorFlow ops the LiteRT interpreter lacks: a clear error.
+    with pytest.raises(ValueError, match=re.escape("The litert runtime cannot run")):
+        bnseq.export(unit("conv2d_transpose", "channels_first"), tmp_path / "t.tflite")
 
 
 def test_nested_and_functional_models(tmp_path):
