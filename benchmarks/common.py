@@ -84,3 +84,19 @@ def machine():
         f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, " + ", ".join(versions) + ", CPU"
     )
+
+
+def readme_example():
+    """The README's first example: a channels_first Conv2D, Flatten, two Dense layers (30.7M parameters)."""
+    import keras
+    from keras import layers
+
+    import bnseq
+
+    model = bnseq.Sequential(batch_norm=True)
+    model.add(keras.Input((3, 100, 100)))
+    model.add(layers.Conv2D(32, (3, 3), data_format="channels_first"))
+    model.add(layers.Flatten())
+    model.add(layers.Dense(100, activation="relu"))
+    model.add(layers.Dense(10, activation="softmax"), batch_norm=False)
+    return model

@@ -15,6 +15,7 @@ from keras import layers
 
 import bnseq
 from benchmarks import common
+from benchmarks import fold_inference
 from bnseq.export import _litert
 from bnseq.export import _loaded
 from bnseq.export import _onnx
@@ -34,31 +35,6 @@ def decoder():
     )
 
 
-def readme_example():
-    model = bnseq.Sequential(batch_norm=True)
-    model.add(keras.Input((3, 100, 100)))
-    model.add(layers.Conv2D(32, (3, 3), data_format="channels_first"))
-    model.add(layers.Flatten())
-    model.add(layers.Dense(100, activation="relu"))
-    model.add(layers.Dense(10, activation="softmax"), batch_norm=False)
-    return model
-
-
-def convnet():
-    return bnseq.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            layers.Conv2D(32, 3, activation="relu"),
-            layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(64, 3, activation="relu"),
-            layers.GlobalAveragePooling2D(),
-            layers.Dense(10),
-        ],
-        batch_norm=True,
-    )
-
-
 def resnet50():
     return keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
 
@@ -73,8 +49,8 @@ def cases(quick):
         return [("tiny MLP", tiny, 2, 2)]
     return [
         ("decoder, 3 Conv2DTranspose", decoder, 8, 15),
-        ("README example", readme_example, 8, 9),
-        ("small convnet", convnet, 8, 15),
+        ("README example", common.readme_example, 8, 9),
+        ("small convnet", lambda: fold_inference.convnet(True), 8, 15),
         ("ResNet50 64x64", resnet50, 8, 9),
     ]
 

@@ -24,16 +24,6 @@ import bnseq
 from benchmarks import common
 
 
-def readme_example():
-    model = bnseq.Sequential(batch_norm=True)
-    model.add(keras.Input((3, 100, 100)))
-    model.add(layers.Conv2D(32, (3, 3), data_format="channels_first"))
-    model.add(layers.Flatten())
-    model.add(layers.Dense(100, activation="relu"))
-    model.add(layers.Dense(10, activation="softmax"), batch_norm=False)
-    return model
-
-
 def resnet50():
     return keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
 
@@ -42,7 +32,7 @@ def tiny():
     return bnseq.Sequential([keras.Input((8,)), layers.Dense(8, activation="relu"), layers.Dense(2)], batch_norm=True)
 
 
-MODELS = {"README example": readme_example, "ResNet50 64x64": resnet50, "tiny MLP": tiny}
+MODELS = {"README example": common.readme_example, "ResNet50 64x64": resnet50, "tiny MLP": tiny}
 
 
 def cases(quick):

@@ -12,6 +12,7 @@ from keras import layers
 
 import bnseq
 from bnseq.probes import infer
+from tests.test_fold import randomize_statistics
 
 keras_hub = pytest.importorskip("keras_hub")
 M = keras_hub.models
@@ -118,18 +119,6 @@ def batch_norms(model):
     return [layer for layer in model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
 
 
-def randomize(model, rng):
-    for layer in batch_norms(model):
-        channels = layer.moving_mean.shape[0]
-        layer.moving_mean.assign(rng.normal(0, 0.5, channels))
-        layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
-        if layer.scale:
-            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
-        if layer.center:
-            layer.beta.assign(rng.normal(0, 0.5, channels))
-    return model
-
-
 def relative_error(model, other, x):
     expected, actual = infer(model, x), infer(other, x)
     return float(np.max(np.abs(expected - actual)) / np.max(np.abs(expected)))
@@ -139,7 +128,7 @@ def relative_error(model, other, x):
 def backbone(request):
     keras.utils.set_random_seed(0)
     model = BACKBONES[request.param]()
-    return request.param, randomize(model, np.random.default_rng(1))
+    return request.param, randomize_statistics(model, np.random.default_rng(1))
 
 
 def test_backbone_is_read_fold_report_covers_every_batch_norm(backbone):
@@ -179,7 +168,7 @@ def test_keras_applications_file(tmp_path):
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=4, classifier_activation=None
     )
-    randomize(model, np.random.default_rng(3))
+    randomize_statistics(model, np.random.default_rng(3))
     path = tmp_path / "mobilenet_v2.keras"
     model.save(path)
     report = bnseq.fold_report(path)
@@ -219,7 +208,7 @@ def test_lambda_and_custom_layers_pass_through(make):
     special = make()
     x = special(x)
     model = keras.Model(inputs, layers.Dense(2, activation="relu", name="head")(x))
-    randomize(model, np.random.default_rng(5))
+    randomize_statistics(model, np.random.default_rng(5))
     folded = bnseq.fold(model)
     assert folded.get_layer("pass") is special  # carried over, never re-created
     assert [type(layer).__name__ for layer in folded.layers] == ["InputLayer", "Dense", type(special).__name__, "Dense"]
@@ -239,7 +228,7 @@ def test_lambda_file_through_fold_with_safe_mode_false(tmp_path):
     inputs = keras.Input((5,))
     x = layers.BatchNormalization(name="bn")(layers.Dense(4, use_bias=False, name="d")(inputs))
     model = keras.Model(inputs, layers.Lambda(lambda t: t + 1.0, name="plus")(x))
-    randomize(model, np.random.default_rng(7))
+    randomize_statistics(model, np.random.default_rng(7))
     path = tmp_path / "lambda.keras"
     model.save(path)
     folded = bnseq.fold(path, safe_mode=False)
