@@ -215,3 +215,42 @@ def test_channels_first_runs_or_is_refused_with_the_fixes():
         "is imported, or use the JAX or PyTorch backend."
     )
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.layers[1].moving_mean), before)
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, size):
+        super().__init__()
+        self.x, self.size = x, size
+
+    def __len__(self):
+        return -(-len(self.x) // self.size)
+
+    def __getitem__(self, index):
+        chunk = self.x[index * self.size : (index + 1) * self.size]
+        return chunk, np.zeros((len(chunk), 4), "float32")
+
+
+def test_py_dataset_and_a_generator():
+    x = np.random.default_rng(15).normal(size=(23, 6, 6, 2)).astype("float32")
+    model = scramble(sequential_model(), 16)
+    bnseq.recalibrate(model, Batches(x, 6), verbose=0)
+    check_sequential(model, x)
+    model = scramble(sequential_model(), 17)
+    report = bnseq.recalibrate(model, (x[start : start + 5] for start in range(0, 23, 5)), verbose=0)
+    assert report[1].samples == 23
+    check_sequential(model, x)
+
+
+def test_mixed_precision_statistics_in_float32_or_wider():
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = scramble(bnseq.Sequential([keras.Input((4,)), layers.Dense(3, name="d")], batch_norm=True), 18)
+        x = np.random.default_rng(19).normal(50.0, 10.0, size=(64, 4)).astype("float32")
+        bnseq.recalibrate(model, x, batch_size=16, verbose=0)
+        bn = model.layers[1]
+        assert bn.moving_mean.dtype == "float32"
+        features = keras.ops.convert_to_numpy(model.layers[0](x)).astype(np.float64)  # the float16 features
+    finally:
+        keras.config.set_dtype_policy("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), features.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), features.var(axis=0), rtol=1e-5)
