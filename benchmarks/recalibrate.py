@@ -4,8 +4,9 @@
 layers (a layer needs the final statistics of those before it), running the
 model eagerly batch by batch and stopping each batch at its level; `predict`
 runs the compiled graph once. Both over the same samples and batch size,
-interleaved round by round. Peak memory: the growth of the process's peak
-resident size when each runs alone in a fresh process (full mode only).
+interleaved round by round. Peak memory: the peak resident size above the size
+before the call, sampled every 5 ms, when each runs alone in a fresh process
+(full mode only).
 
 The README's example is channels_first: on a CPU whose TensorFlow lacks oneDNN,
 run this with TF_ENABLE_ONEDNN_OPTS=1 (recalibrate runs eagerly).
@@ -61,7 +62,7 @@ def levels(model):
 
 
 def peak_memory(name, samples, batch_size, candidate):
-    """Growth of peak RSS (MB) when `candidate` runs once in a fresh process."""
+    """Peak RSS growth (MB) when `candidate` runs once in a fresh process."""
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.recalibrate", json.dumps([name, samples, batch_size, candidate])],
         capture_output=True,
@@ -107,16 +108,33 @@ def run(quick=False):
     return common.table(header, rows), results
 
 
+def _rss_mb():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _measure_memory(name, samples, batch_size, candidate):
-    import resource
+    """Peak resident size above the size before the run, sampled every 5 ms (Linux)."""
+    import threading
+    import time
 
     model = MODELS[name]()
     model.compile()
     x = data_for(model, samples)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    candidates(model, x, batch_size)[candidate]()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+    run = candidates(model, x, batch_size)[candidate]
+    baseline, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    run()
+    done.set()
+    thread.join()
+    print(max(peak[0], _rss_mb()) - baseline)
 
 
 if __name__ == "__main__":
