@@ -19,6 +19,7 @@ from benchmarks import fold_inference
 from bnseq.export import _litert
 from bnseq.export import _loaded
 from bnseq.export import _onnx
+from bnseq.export import _runtime
 from bnseq.export import _write
 
 
@@ -88,6 +89,11 @@ def run(quick=False):
                 ("ONNX Runtime", _onnx, "onnx"),
                 ("LiteRT", _litert, "tflite"),
             ):
+                try:  # the runtime and its exporter installed (the onnx and litert extras)?
+                    _runtime({"onnx": "onnx", "tflite": "litert"}[suffix])
+                except (ImportError, ValueError) as error:
+                    rows.append([name, runtime_name, "—", "—", "—", f"not run: {error}"[:80]])
+                    continue
                 for threads in (1, None):
                     try:
                         unfolded_run, folded_run = runs(model, folded, x, runtime, suffix, threads, directory)
