@@ -162,7 +162,8 @@ class Sequential(units.Units, keras.Sequential):
     def _flush_warnings(self):
         """Give the warnings of the layers added so far, now that they are in place."""
         state = units.STATE[self]
-        pending, state.pending = state.pending, []
+        pending = list(state.pending)
+        state.pending.clear()  # in place: an add() in progress holds this list
         for message, category in pending:
             if callable(message):
                 message = message()
@@ -303,9 +304,11 @@ class Sequential(units.Units, keras.Sequential):
             else:
                 self._functional = keras.Model(inputs=self._layers[0].output, outputs=outputs)
                 state.remember(self)
+                self._flush_warnings()  # layers added with rebuild=False are placed now
                 return
         super().build(input_shape)
         state.remember(self)
+        self._flush_warnings()
 
     def get_config(self):
         config = super().get_config()

@@ -179,3 +179,18 @@ def test_python_m_bnseq_cli_fold(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Folded 1 of 1 BatchNormalization layers" in result.stdout
     assert (tmp_path / "out.keras").exists()
+
+
+def test_warnings_of_add_without_rebuild_come_when_the_model_is_built():
+    model = bnseq.Sequential([keras.Input((5, 8))])
+    model.add(layers.Dense(4, use_bias=False, name="d"), rebuild=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.add(layers.BatchNormalization(axis=1, name="bn"), rebuild=False)
+    assert [w for w in record if w.category is bnseq.BatchNormPlacementWarning] == []
+    with pytest.warns(bnseq.BatchNormPlacementWarning) as record:
+        model.build((None, 5, 8))
+    assert [str(w.message) for w in record] == [
+        "BatchNormalization 'bn' normalizes axis 1, but the channels of Dense 'd' (features) are on "
+        "axis -1. Write `BatchNormalization(axis=-1)`."
+    ]
