@@ -172,8 +172,7 @@ def _plan(graph, options, batch_norm):
 
 def _bias_of(layer):
     """The bias a linear layer adds, as float64 (zeros when it has none)."""
-    channels = layer.bias.shape[0] if layer.use_bias and layer.built else None
-    if channels is None:
+    if not (layer.use_bias and layer.built):
         return 0.0
     return keras.ops.convert_to_numpy(layer.bias).astype(np.float64)
 

@@ -133,11 +133,11 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto"):
         stats = measure(model, batches, level, progress)
         for layer in level:
             rows[id(layer)] = _set_statistics(layer, stats[id(layer)])
-    in_order = [inner for leaf in graph.layers for inner in graph.hidden_batch_norms(leaf)] + [
-        leaf for leaf in graph.layers if isinstance(leaf, keras.layers.BatchNormalization)
-    ]
-    position = {id(layer): index for index, layer in enumerate(graph.layers)}
-    in_order.sort(key=lambda layer: position.get(id(layer), -1))
+    in_order = []  # model order: each leaf's hidden BatchNormalization layers, then the leaf itself
+    for leaf in graph.layers:
+        in_order.extend(graph.hidden_batch_norms(leaf))
+        if isinstance(leaf, keras.layers.BatchNormalization):
+            in_order.append(leaf)
     return RecalibrationReport(rows[id(layer)] for layer in in_order)
 
 

@@ -254,3 +254,19 @@ def test_mixed_precision_statistics_in_float32_or_wider():
         keras.config.set_dtype_policy("float32")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), features.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), features.var(axis=0), rtol=1e-5)
+
+
+def test_report_is_in_model_order_also_for_hidden_batch_norms():
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.bn = layers.BatchNormalization(name="hidden")
+
+        def call(self, x, training=None):
+            return self.bn(x, training=training)
+
+    inputs = keras.Input((3,))
+    first = layers.BatchNormalization(name="first")(layers.Dense(3, use_bias=False)(inputs))
+    model = keras.Model(inputs, Block(name="block")(first))
+    report = bnseq.recalibrate(model, np.random.default_rng(20).normal(size=(8, 3)).astype("float32"), verbose=0)
+    assert [row.batch_norm for row in report] == ["first", "hidden"]
