@@ -99,6 +99,14 @@ def _parser():
     recalibrate.add_argument("output", metavar="OUT.keras")
     recalibrate.add_argument("--data", required=True, metavar="FILE", help=".npy or .npz of model inputs")
     recalibrate.add_argument("--batch-size", type=_positive, default=32, help="batch size (default 32)")
+    recalibrate.add_argument(
+        "--cache-limit",
+        type=_size,
+        default="auto",
+        metavar="SIZE",
+        help="activations kept between segments: bytes, or with K, M or G (powers of 1024); "
+        "default auto (half the memory available)",
+    )
     recalibrate.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     return parser
 
@@ -120,9 +128,25 @@ def main(argv=None):
     if args.command == "export":
         return _export(args)
     if args.command == "recalibrate":
-        return _recalibrate(args.input, args.output, args.data, args.batch_size, not args.unsafe)
+        return _recalibrate(args.input, args.output, args.data, args.batch_size, args.cache_limit, not args.unsafe)
     parser.print_help()
     return 2
+
+
+def _size(text):
+    """`auto`, or a number of bytes with an optional K, M or G suffix."""
+    if text == "auto":
+        return text
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    scale = units.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a size such as 500M. Received: {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative. Received: {text}")
+    return value
 
 
 def _positive(text):
@@ -225,7 +249,7 @@ def _export(args):
     return 0
 
 
-def _recalibrate(input_path, output_path, data_path, batch_size, safe_mode):
+def _recalibrate(input_path, output_path, data_path, batch_size, cache_limit, safe_mode):
     import numpy as np
 
     try:
@@ -245,7 +269,7 @@ def _recalibrate(input_path, output_path, data_path, batch_size, safe_mode):
             data = [loaded[name] for name in loaded.files]
         data = data[0] if len(data) == 1 else data
     try:
-        report = bnseq.recalibrate(model, data, batch_size=batch_size, verbose=0)
+        report = bnseq.recalibrate(model, data, batch_size=batch_size, verbose=0, cache_limit=cache_limit)
     except (TypeError, ValueError) as error:
         return _fail(f"cannot recalibrate '{input_path}' on '{data_path}': {str(error).splitlines()[0]}")
     try:

@@ -5,12 +5,13 @@ import os
 import keras
 import numpy as np
 
+from bnseq import data as data_module
 from bnseq import files
 from bnseq import graph as graph_module
 from bnseq import notices
-from bnseq import recalibrate
 from bnseq import rewrite
 from bnseq import rules
+from bnseq import segments
 from bnseq.sequential import Sequential
 
 
@@ -106,7 +107,7 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
     plan, inserted = _plan(graph, options, batch_norm)
     result = rewrite.apply(model, plan)
     if data is not None:
-        _keep_predictions(result, inserted, recalibrate.batches_of(data, batch_size, steps))
+        _keep_predictions(result, inserted, data_module.batches_of(data, batch_size, steps))
     return result
 
 
@@ -119,12 +120,12 @@ def _keep_predictions(model, inserted, batches):
     # do so with its initial statistics, then one pass measures them all.
     for bn, bias in inserted:
         _set_affine(bn, bias)
-    stats = recalibrate.measure(model, batches, [bn for bn, _ in inserted])
+    stats = segments.measure(model, batches, [bn for bn, _ in inserted], chained=False).stats
     for bn, bias in inserted:
         pooled = stats[id(bn)]
         if pooled.count:
             bn.moving_mean.assign(pooled.mean.astype(bn.moving_mean.dtype))
-            bn.moving_variance.assign((pooled.m2 / pooled.count).astype(bn.moving_variance.dtype))
+            bn.moving_variance.assign(pooled.variance.astype(bn.moving_variance.dtype))
         _set_affine(bn, bias)
 
 

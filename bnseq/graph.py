@@ -90,15 +90,96 @@ def walk(model):
     >>> graph.sole_producer(bn) is dense, graph.feeds_only(dense, bn)
     (True, True)
     """
-    walker = _Walker()
-    outputs = walker.model(model, sources=None)
+    flat = flatten(model)
+    layers, parents = [], {}
+    producers, consumers = collections.defaultdict(list), collections.defaultdict(list)
+    behind = {}  # Ref -> the leaf that produced it (model inputs have none)
+    for call in flat.calls:
+        operation = call.operation
+        if id(operation) not in parents:
+            parents[id(operation)] = call.parent
+            layers.append(operation)
+        for ref in call.inputs:
+            source = behind.get(ref)
+            if source is not None and not any(each is source for each in producers[id(operation)]):
+                producers[id(operation)].append(source)
+                consumers[id(source)].append(operation)
+        for ref in call.outputs:
+            behind[ref] = operation
     return Graph(
-        layers=walker.layers,
-        outputs=[source for source in outputs if source is not None],
-        parents=walker.parents,
-        _producers=walker.producers,
-        _consumers=walker.consumers,
+        layers=layers,
+        outputs=[behind[ref] for ref in flat.outputs if ref in behind],
+        parents=parents,
+        _producers=producers,
+        _consumers=consumers,
     )
+
+
+class Ref:
+    """One tensor of a flattened model: a model input or one output of a call.
+
+    Compared by identity; `name` is only for reading.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"Ref({self.name!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """One call of a leaf operation in a flattened model.
+
+    Attributes:
+        operation: the leaf (a layer, or a `keras.ops` operation).
+        parent: `keras.Model`. The model that holds the call directly.
+        args: tuple. The positional arguments, with a `Ref` for each tensor.
+        kwargs: dict. The keyword arguments, likewise.
+        inputs: tuple of `Ref`. The tensors the call reads.
+        outputs: tuple of `Ref`. What it returns, flattened (one `Ref` for
+            the whole result of a layer in a Sequential model).
+    """
+
+    operation: object
+    parent: object
+    args: tuple
+    kwargs: dict
+    inputs: tuple
+    outputs: tuple
+
+
+@dataclasses.dataclass
+class Flat:
+    """A model with the models nested in it flattened away: its leaf calls in order.
+
+    A model nested twice (a siamese tower) gives two calls of each of its
+    layers, reading and writing different `Ref`s.
+
+    Attributes:
+        inputs: list of `Ref`. One per tensor of `model.inputs`; a single one
+            for a subclassed model, for its whole input.
+        calls: list of `Call`, producers before consumers.
+        outputs: list of `Ref`. The model's outputs, flattened.
+    """
+
+    inputs: list
+    calls: list
+    outputs: list
+
+
+def flatten(model):
+    """Read `model` into a `Flat` list of leaf calls (see `walk` for the models read)."""
+    flattener = _Flattener()
+    if isinstance(model, keras.Sequential) or not is_functional(model):
+        inputs = [Ref("input")]
+    else:
+        inputs = [Ref(tensor.name) for tensor in model.inputs]
+    outputs = flattener.model(model, inputs, parent=None, args=(inputs[0],) if len(inputs) == 1 else (inputs,))
+    return Flat(inputs=inputs, calls=flattener.calls, outputs=outputs)
 
 
 def is_functional(model):
@@ -128,10 +209,11 @@ def inner_layers(layer):
 def _calls(model):
     """The layer calls of a functional model, producers before consumers.
 
-    Yields `(operation, input tensors, output tensors)` for each call, in
-    Keras's own order (by depth, then by `model.operations`). This reads
-    Keras's private graph state (`_nodes_by_depth`, a node's `operation`,
-    `is_input`, `input_tensors`, `outputs`), the same state
+    Yields `(operation, arguments, input tensors, output tensors)` for each
+    call, in Keras's own order (by depth, then by `model.operations`), where
+    `arguments` is `(args, kwargs)` as the call was made. This reads Keras's
+    private graph state (`_nodes_by_depth`, a node's `operation`, `is_input`,
+    `arguments`, `input_tensors`, `outputs`), the same state
     `keras.models.clone_model` replays; it is isolated here and was checked on
     Keras 3.14 and 3.15 (tests/test_graph.py fails loudly if it changes).
     """
@@ -141,48 +223,49 @@ def _calls(model):
         for node in nodes:
             if node.is_input or node.operation is None:
                 continue
-            yield node.operation, list(node.input_tensors), keras.tree.flatten(node.outputs)
+            arguments = (node.arguments.args, node.arguments.kwargs)
+            yield node.operation, arguments, list(node.input_tensors), keras.tree.flatten(node.outputs)
 
 
-class _Walker:
+class _Flattener:
     def __init__(self):
-        self.layers = []
-        self.parents = {}
-        self.producers = collections.defaultdict(list)
-        self.consumers = collections.defaultdict(list)
+        self.calls = []
 
-    def call(self, operation, sources, parent):
-        """Record `operation` taking `sources`; the leaves behind its outputs."""
-        if isinstance(operation, keras.Model):
-            return self.model(operation, sources, parent)
-        return self.leaf(operation, sources, parent)
+    def call(self, operation, args, kwargs, sources, parent, count=1):
+        """Record `operation` called on `sources`; the `Ref`s of what it returns."""
+        if isinstance(operation, keras.Model) and (isinstance(operation, keras.Sequential) or is_functional(operation)):
+            return self.model(operation, sources, parent, args)
+        outputs = tuple(Ref(f"{operation.name}:{index}") for index in range(max(count, 1)))
+        self.calls.append(Call(operation, parent, args, kwargs, tuple(sources), outputs))
+        return outputs
 
-    def model(self, model, sources, parent=None):
-        """Walk one model; `sources` feed its inputs (`None` at the top)."""
+    def model(self, model, sources, parent, args):
+        """Flatten one model fed by `sources`; the `Ref`s of its outputs."""
         if isinstance(model, keras.Sequential):
-            source = sources[0] if sources else None
+            ref = sources[0] if sources else Ref(f"{model.name}:input")
             for layer in model.layers:
-                (source,) = self.call(layer, [source], parent=model)
-            return [source]
-        if not is_functional(model):  # a subclassed model: one opaque leaf
-            return self.leaf(model, sources or [], parent)
-        behind = {}  # id(tensor) -> the leaf that produced it
-        for tensor, source in zip(model.inputs, sources or []):
-            behind[id(tensor)] = source
-        for operation, inputs, outputs in _calls(model):
-            results = self.call(operation, [behind.get(id(tensor)) for tensor in inputs], parent=model)
+                (ref,) = self.call(layer, (ref,), {}, [ref], parent=model)
+            return [ref]
+        if not is_functional(model):  # a subclassed model at the top: one opaque leaf
+            return list(self.call(model, args, {}, sources, parent))
+        behind = {id(tensor): source for tensor, source in zip(model.inputs, sources)}
+
+        def ref_of(value):
+            if isinstance(value, keras.KerasTensor):
+                if id(value) not in behind:  # an input the caller did not feed
+                    behind[id(value)] = Ref(value.name)
+                return behind[id(value)]
+            return value
+
+        for operation, (call_args, call_kwargs), inputs, outputs in _calls(model):
+            results = self.call(
+                operation,
+                keras.tree.map_structure(ref_of, call_args),
+                keras.tree.map_structure(ref_of, call_kwargs),
+                [ref_of(tensor) for tensor in inputs],
+                parent=model,
+                count=len(outputs),
+            )
             for index, tensor in enumerate(outputs):
                 behind[id(tensor)] = results[min(index, len(results) - 1)]
-        return [behind.get(id(tensor)) for tensor in keras.tree.flatten(model.outputs)]
-
-    def leaf(self, operation, sources, parent):
-        if id(operation) not in self.parents:
-            self.parents[id(operation)] = parent
-            self.layers.append(operation)
-        for source in sources:
-            if source is None:
-                continue
-            if not any(each is source for each in self.producers[id(operation)]):
-                self.producers[id(operation)].append(source)
-                self.consumers[id(source)].append(operation)
-        return [operation]
+        return [ref_of(tensor) for tensor in keras.tree.flatten(model.outputs)]

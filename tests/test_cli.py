@@ -318,3 +318,29 @@ def test_recalibrate_bad_data_exit_2(tmp_path, capsys):
         f"bnseq: error: cannot read the data '{missing}': [Errno 2] No such file or directory: '{missing}'\n"
     )
     assert not (tmp_path / "out.keras").exists()
+
+
+@pytest.mark.parametrize(
+    ("size", "passes"), [("auto", "1.00"), ("0", None), ("1K", None), ("2.5M", "1.00")]
+)
+def test_recalibrate_cache_limit(tmp_path, capsys, size, passes):
+    model = bnseq.Sequential(
+        [keras.Input((3,)), layers.Dense(4, activation="relu"), layers.Dense(4, name="d")], batch_norm=True
+    )
+    model.save(tmp_path / "in.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(40, 3)).astype("float32"))
+    assert cli.main(["recalibrate", str(tmp_path / "in.keras"), str(tmp_path / "out.keras"),
+                     "--data", str(tmp_path / "x.npy"), "--cache-limit", size]) == 0
+    footer = capsys.readouterr().out.splitlines()[-2]
+    work = footer.split()[0]
+    assert footer.endswith("MiB of activations kept")
+    if passes is None:  # too small to keep the first layer's output: the second level starts from the data
+        assert float(work) > 1.0
+    else:
+        assert work == passes
+
+
+def test_recalibrate_cache_limit_must_be_a_size(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["recalibrate", "in.keras", "out.keras", "--data", "x.npy", "--cache-limit", "lots"])
+    assert "expected 'auto' or a size such as 500M. Received: lots" in capsys.readouterr().err

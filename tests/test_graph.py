@@ -106,6 +106,7 @@ def test_keras_graph_state_the_walker_reads():
     (call,) = [node for node in nodes if not node.is_input]
     assert call.operation is dense
     assert [id(t) for t in call.input_tensors] == [id(inputs)]
+    assert [id(t) for t in call.arguments.args] == [id(inputs)] and call.arguments.kwargs == {}
     assert [id(t) for t in keras.tree.flatten(call.outputs)] == [id(model.outputs[0])]
     assert [each.name for each in graph.inner_layers(layers.Dense(2, activation=layers.ReLU(name="r")))] == ["r"]
 
@@ -145,3 +146,30 @@ def test_custom_layer_without_get_config_does_not_hide_the_graph():
     g = graph.walk(model)
     assert names(g.layers) == ["d", "scale", "bn"]
     assert names(g.producers(model.get_layer("bn"))) == ["scale"]
+
+
+def test_flatten_gives_each_call_of_a_nested_model_its_own_tensors():
+    tower = keras.Sequential([keras.Input((3,)), layers.Dense(2, name="t")], name="tower")
+    left, right = keras.Input((3,), name="left"), keras.Input((3,), name="right")
+    joined = layers.Concatenate(name="cat")([tower(left), tower(right)])
+    model = keras.Model([left, right], joined)
+    flat = graph.flatten(model)
+    assert [call.operation.name for call in flat.calls] == ["t", "t", "cat"]
+    first, second, cat = flat.calls
+    assert first.inputs == (flat.inputs[0],) and second.inputs == (flat.inputs[1],)
+    assert first.outputs != second.outputs
+    (pair,) = cat.args  # the list passed to Concatenate, with a Ref for each tensor
+    assert pair == [first.outputs[0], second.outputs[0]]
+    assert flat.outputs == [cat.outputs[0]]
+    assert cat.parent is model and first.parent is tower
+
+
+def test_flatten_a_subclassed_model_is_one_call_on_its_whole_input():
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    net = Net()
+    flat = graph.flatten(net)
+    (call,) = flat.calls
+    assert call.operation is net and call.args == (flat.inputs[0],)

@@ -8,6 +8,8 @@ import pytest
 from keras import layers
 
 import bnseq
+from bnseq import probes
+from bnseq import segments
 
 
 def scramble(model, seed):
@@ -193,28 +195,18 @@ def test_batch_normalize_data_needs_a_built_model():
     )
 
 
-def test_channels_first_runs_or_is_refused_with_the_fixes():
-    from bnseq import probes
-
+def test_channels_first_runs_on_every_cpu():
+    # Where TensorFlow lacks channels_first kernels (oneDNN off), the compiled segments run by XLA.
     model = scramble(
         bnseq.Sequential([keras.Input((2, 5, 5)), layers.Conv2D(3, 3, data_format="channels_first")], batch_norm=True),
         13,
     )
     x = np.random.default_rng(14).normal(size=(9, 2, 5, 5)).astype("float32")
-    if probes.channels_first_runs():
-        bnseq.recalibrate(model, x, batch_size=4, verbose=0)
-        check_sequential(model, x)
-        return
-    before = keras.ops.convert_to_numpy(model.layers[1].moving_mean).copy()
-    with pytest.raises(ValueError) as error:
-        bnseq.recalibrate(model, x, verbose=0)
-    assert str(error.value) == (
-        f"recalibrate runs Sequential '{model.name}' eagerly, batch by batch, and TensorFlow on this CPU has "
-        "no eager kernels for its channels_first layers (oneDNN is off; "
-        "https://github.com/keras-team/keras/issues/23650). Set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow "
-        "is imported, or use the JAX or PyTorch backend."
-    )
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.layers[1].moving_mean), before)
+    bnseq.recalibrate(model, x, batch_size=4, verbose=0)
+    conv, bn = model.layers[0], model.layers[1]
+    assert bn.axis == 1
+    features = probes.infer(conv, x).astype(np.float64)
+    assert_statistics(bn, features.mean(axis=(0, 2, 3)), features.var(axis=(0, 2, 3)))
 
 
 class Batches(keras.utils.PyDataset):
@@ -270,3 +262,174 @@ def test_report_is_in_model_order_also_for_hidden_batch_norms():
     model = keras.Model(inputs, Block(name="block")(first))
     report = bnseq.recalibrate(model, np.random.default_rng(20).normal(size=(8, 3)).astype("float32"), verbose=0)
     assert [row.batch_norm for row in report] == ["first", "hidden"]
+
+
+# Segment by segment: the same statistics whatever is kept, and what it cost -----
+
+
+def residual_model():
+    """Two levels on the main path, a BatchNormalization on the shortcut, a skip from the input."""
+    inputs = keras.Input((5, 5, 3))
+    x = layers.BatchNormalization(name="bn1")(layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs))
+    x = layers.ReLU()(x)
+    x = layers.BatchNormalization(name="bn2")(layers.Conv2D(4, 3, padding="same", use_bias=False)(x))
+    shortcut = layers.BatchNormalization(name="short")(layers.Conv2D(4, 1, use_bias=False)(inputs))
+    x = layers.ReLU()(layers.Add()([x, shortcut]))
+    x = layers.Concatenate()([x, inputs])
+    x = layers.BatchNormalization(name="bn3")(layers.Conv2D(2, 1, use_bias=False)(x))
+    return keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+
+
+def check_functional(model, x, names):
+    for name in names:
+        bn = model.get_layer(name)
+        assert_statistics(bn, *expected_statistics(keras.Model(model.input, bn.input), x, bn))
+
+
+@pytest.mark.parametrize("cache_limit", ["auto", 0, 60_000])
+def test_statistics_are_exact_whatever_the_cache_keeps(cache_limit):
+    model = scramble(residual_model(), 21)
+    x = np.random.default_rng(22).normal(0.5, 2.0, size=(45, 5, 5, 3)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=8, verbose=0, cache_limit=cache_limit)
+    check_functional(model, x, ["bn1", "bn2", "short", "bn3"])
+    if cache_limit == "auto":
+        assert report.passes == 1.0  # every call ran once
+        assert report.cache_peak > 0
+    elif cache_limit == 0:  # nothing kept: each level from the data again
+        assert report.passes > 1.5
+        assert report.cache_peak == x.nbytes
+    else:
+        assert 1.0 < report.passes < 2.0
+
+
+def test_report_passes_and_memory_line():
+    model = scramble(residual_model(), 23)
+    x = np.random.default_rng(24).normal(size=(16, 5, 5, 3)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    assert str(report).splitlines()[-1] == (
+        f"1.00 forward passes of work; at most {report.cache_peak / 2**20:,.1f} MiB of activations kept"
+    )
+    assert report.cache_peak >= x.nbytes
+
+
+def test_cache_limit_is_checked_before_anything_changes():
+    model = scramble(residual_model(), 25)
+    before = keras.ops.convert_to_numpy(model.get_layer("bn1").moving_mean).copy()
+    for wrong in (-1, 1.5, "big", True):
+        with pytest.raises(ValueError, match=re.escape(f"Received: cache_limit={wrong!r}")):
+            bnseq.recalibrate(model, np.zeros((2, 5, 5, 3), "float32"), cache_limit=wrong)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("bn1").moving_mean), before)
+
+
+def test_compiled_segments_are_reused_and_see_new_weights():
+    model = scramble(residual_model(), 26)
+    x = np.random.default_rng(27).normal(size=(20, 5, 5, 3)).astype("float32")
+    bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    (plan,) = segments._PLANS[model].values()
+    functions = dict(plan.functions)
+    conv = model.layers[1]
+    conv.kernel.assign(keras.ops.convert_to_numpy(conv.kernel) * 3.0)  # the next call must see this
+    bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    (again,) = segments._PLANS[model].values()
+    assert again is plan and plan.functions == functions  # nothing compiled again
+    check_functional(model, x, ["bn1", "bn2", "short", "bn3"])
+
+
+def test_a_changed_sequential_gets_a_new_plan():
+    model = scramble(sequential_model(), 28)
+    x = np.random.default_rng(29).normal(size=(12, 6, 6, 2)).astype("float32")
+    bnseq.recalibrate(model, x, verbose=0)
+    (plan,) = segments._PLANS[model].values()
+    model.add(layers.Dense(2))
+    scramble(model, 30)
+    bnseq.recalibrate(model, x, verbose=0)
+    (new_plan,) = segments._PLANS[model].values()
+    assert new_plan is not plan
+    check_sequential(model, x)
+
+
+def test_shared_tower_pools_both_calls():
+    tower = keras.Sequential(
+        [keras.Input((3,)), layers.Dense(4, use_bias=False), layers.BatchNormalization(name="tower_bn")],
+        name="tower",
+    )
+    left, right = keras.Input((3,), name="left"), keras.Input((3,), name="right")
+    model = scramble(keras.Model([left, right], layers.Subtract()([tower(left), tower(right)])), 31)
+    rng = np.random.default_rng(32)
+    a = rng.normal(1.0, 1.0, size=(14, 3)).astype("float32")
+    b = rng.normal(-3.0, 2.0, size=(14, 3)).astype("float32")
+    report = bnseq.recalibrate(model, {"left": a, "right": b}, batch_size=5, verbose=0)
+    assert [(row.batch_norm, row.samples) for row in report] == [("tower_bn", 28)]
+    features = keras.ops.convert_to_numpy(tower.layers[0](np.concatenate([a, b]))).astype(np.float64)
+    assert_statistics(tower.layers[1], features.mean(axis=0), features.var(axis=0))
+
+
+def test_a_batch_norm_fed_by_itself_is_refused_and_nothing_changes():
+    bn = layers.BatchNormalization(name="again")
+    dense = layers.Dense(3, use_bias=False)
+    inputs = keras.Input((3,))
+    model = scramble(keras.Model(inputs, bn(dense(bn(inputs)))), 33)
+    before = keras.ops.convert_to_numpy(bn.moving_mean).copy()
+    with pytest.raises(ValueError) as error:
+        bnseq.recalibrate(model, np.ones((4, 3), "float32"), verbose=0)
+    assert str(error.value) == (
+        "BatchNormalization 'again' is called on a tensor computed from its own output, so its statistics "
+        "would depend on themselves: no exact value exists. Give each call its own BatchNormalization layer."
+    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bn.moving_mean), before)
+
+
+def test_a_failure_midway_leaves_every_statistic_as_it_was():
+    model = scramble(residual_model(), 34)
+    before = {w.path: keras.ops.convert_to_numpy(w).copy() for w in model.weights}
+    good = np.zeros((4, 5, 5, 3), "float32")
+    batches = [good, good, np.zeros((4, 6, 6, 3), "float32")]  # the last batch cannot go through
+    with pytest.raises(Exception):  # noqa: B017 - whatever the backend raises for the shape
+        bnseq.recalibrate(model, batches, verbose=0)
+    for w in model.weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), before[w.path])
+
+
+def test_hidden_batch_norms_measured_in_a_chain():
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.first = layers.BatchNormalization(name="inner_first")
+            self.dense = layers.Dense(3, use_bias=False)
+            self.second = layers.BatchNormalization(name="inner_second")
+
+        def call(self, x, training=None):
+            return self.second(self.dense(keras.ops.relu(self.first(x, training=training))), training=training)
+
+    inputs = keras.Input((3,))
+    outer = layers.BatchNormalization(name="outer")(layers.Dense(3, use_bias=False)(inputs))
+    block = Block(name="block")
+    model = scramble(keras.Model(inputs, block(outer)), 35)
+    x = np.random.default_rng(36).normal(2.0, 1.5, size=(22, 3)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=6, verbose=0)
+    assert [row.batch_norm for row in report] == ["outer", "inner_first", "inner_second"]
+    head = keras.Model(inputs, outer)
+    start = keras.ops.convert_to_numpy(head(x, training=False)).astype(np.float64)
+    assert_statistics(block.first, start.mean(axis=0), start.var(axis=0))
+    middle = block.dense(keras.ops.relu(block.first(head(x, training=False), training=False)))
+    middle = keras.ops.convert_to_numpy(middle).astype(np.float64)
+    assert_statistics(block.second, middle.mean(axis=0), middle.var(axis=0))
+
+
+def test_an_unbuilt_model_is_built_by_the_first_batch():
+    model = bnseq.Sequential([layers.Dense(3, name="d")], batch_norm=True)
+    x = np.random.default_rng(37).normal(4.0, 1.0, size=(10, 2)).astype("float32")
+    report = bnseq.recalibrate(model, x, verbose=0)
+    assert model.built and report[0].samples == 10
+    features = keras.ops.convert_to_numpy(model.layers[0](x)).astype(np.float64)
+    assert_statistics(model.layers[1], features.mean(axis=0), features.var(axis=0))
+
+
+def test_a_batch_that_does_not_match_the_inputs():
+    left, right = keras.Input((3,), name="left"), keras.Input((3,), name="right")
+    bn = layers.BatchNormalization()
+    model = keras.Model([left, right], bn(layers.Add()([left, right])))
+    with pytest.raises(ValueError, match=re.escape("Received: keys=['left']")):
+        bnseq.recalibrate(model, {"left": np.ones((2, 3), "float32")}, verbose=0)
+    with pytest.raises(ValueError, match=re.escape("takes 2 input(s), but a batch of the data holds 1")):
+        bnseq.recalibrate(model, np.ones((2, 3), "float32"), verbose=0)

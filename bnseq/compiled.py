@@ -1,0 +1,228 @@
+"""The steps of `segments.py` as compiled functions, and what runs inside them.
+
+`Function(step)` runs a step's calls on its input tensors, in inference mode,
+and returns the cut it keeps and the per-channel moments of the inputs it
+measures. It is compiled as Keras compiles `predict`; `_compiled` is the one
+place that differs by backend.
+"""
+
+import functools
+import inspect
+
+import keras
+
+from bnseq import graph as graph_module
+
+
+class Function:
+    """A `_Step` as a function of its input tensors, compiled for the backend."""
+
+    def __init__(self, step, jit_compile):
+        self.step = step
+        self.capture = None
+        # A partial, not the bound method: TensorFlow counts traces per code object, and would warn
+        # of "excessive retracing" across the steps of one model, each traced once.
+        run = functools.partial(Function._run, self)
+        self.compiled = _compiled(run, step.calls + [call for call, _ in step.probes], jit_compile)
+
+    def __call__(self, inputs):
+        return self.compiled(inputs)
+
+    def _run(self, inputs):
+        values = dict(zip(self.step.inputs, inputs))
+        for call in self.step.calls:
+            execute(call, values)
+        moments = [_moments(values[ref], layer.axis) for layer, ref in self.step.targets]
+        captured = []
+        for call, layers in self.step.probes:
+            with self.capture.recording(layers) as seen:
+                execute(call, dict(values), keep=False)
+            for layer in layers:
+                captured.append(_pooled_moments([_moments(each, layer.axis) for each in seen[id(layer)]]))
+        return [values[ref] for ref in self.step.keep], moments, captured
+
+
+def execute(call, values, keep=True):
+    """Run one call on the tensors in `values` (by `Ref`), in inference mode."""
+
+    def value_of(item):
+        return values[item] if isinstance(item, graph_module.Ref) else item
+
+    args = keras.tree.map_structure(value_of, call.args)
+    kwargs = keras.tree.map_structure(value_of, call.kwargs)
+    if _takes_training(call.operation):
+        kwargs["training"] = False  # as a functional model called with training=False does
+    result = call.operation(*args, **kwargs)
+    if not keep:
+        return
+    flat = keras.tree.flatten(result)
+    if len(flat) == len(call.outputs):
+        values.update(zip(call.outputs, flat))
+    else:  # a layer of a Sequential model returning a structure: one Ref for all of it
+        values[call.outputs[0]] = result
+
+
+_TAKES_TRAINING = {}
+
+
+def _takes_training(operation):
+    kind = type(operation)
+    if kind not in _TAKES_TRAINING:
+        try:
+            parameters = inspect.signature(operation.call).parameters
+        except (AttributeError, TypeError, ValueError):
+            parameters = {}
+        _TAKES_TRAINING[kind] = "training" in parameters
+    return _TAKES_TRAINING[kind]
+
+
+def _moments(x, axis):
+    """(count, mean, sum of squared deviations) per channel of `axis`, in float32 or wider."""
+    dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
+    x = keras.ops.cast(x, dtype)
+    rank = len(x.shape)
+    axis = axis % rank
+    others = [each for each in range(rank) if each != axis]
+    mean = keras.ops.mean(x, axis=others, keepdims=True)
+    m2 = keras.ops.sum(keras.ops.square(x - mean), axis=others)
+    count = keras.ops.size(x) // keras.ops.shape(x)[axis]
+    return count, keras.ops.reshape(mean, (-1,)), m2
+
+
+def _pooled_moments(parts):
+    """The moments of several calls of one layer within a batch, pooled (in the compiled function)."""
+    if len(parts) == 1:
+        return parts[0]
+    count, mean, m2 = parts[0]
+    for other_count, other_mean, other_m2 in parts[1:]:
+        total = count + other_count
+        ratio = keras.ops.cast(other_count, mean.dtype) / keras.ops.cast(total, mean.dtype)
+        delta = other_mean - mean
+        mean = mean + delta * ratio
+        m2 = m2 + other_m2 + delta**2 * keras.ops.cast(count, mean.dtype) * ratio
+        count = total
+    return count, mean, m2
+
+
+def _compiled(function, calls, jit_compile):
+    """`function(inputs)` compiled as Keras compiles `predict` on this backend.
+
+    The one place that differs by backend. TensorFlow: a `tf.function` that
+    reads the variables as they are at each call. JAX: `jax.jit` of a
+    stateless call, so the variables' current values are arguments, not
+    constants baked in at the first trace. PyTorch: eager, without autograd.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _TensorFlowFunction(function, jit_compile)
+    if backend == "jax":
+        import jax
+
+        variables = _variables(calls)
+
+        def stateless(state, inputs):
+            with keras.StatelessScope(state_mapping=list(zip(variables, state))):
+                return function(inputs)
+
+        jitted = jax.jit(stateless)
+        return lambda inputs: jitted([variable.value for variable in variables], inputs)
+    if backend == "torch":
+        import torch
+
+        def without_gradients(inputs):
+            with torch.no_grad():
+                return function(inputs)
+
+        return without_gradients
+    return function
+
+
+class _TensorFlowFunction:
+    """A `tf.function` traced once for any batch size.
+
+    Traced on the first call with the batch axis left open, so that a ragged
+    last batch does not trace every step again (one trace of a ResNet50 step
+    costs tens of milliseconds); inputs whose other axes change go to a
+    second function that traces as it needs.
+    """
+
+    def __init__(self, function, jit_compile):
+        self.function, self.jit_compile = function, jit_compile
+        self.signature, self.traced, self.other = None, None, None
+
+    def __call__(self, inputs):
+        import tensorflow as tf
+
+        if self.traced is None:
+            self.signature = tf.nest.map_structure(
+                lambda x: tf.TensorSpec((None, *x.shape[1:]) if x.shape.rank else (), x.dtype), inputs
+            )
+            self.traced = tf.function(
+                self.function, input_signature=[self.signature], jit_compile=self.jit_compile, autograph=False
+            )
+        fits = all(
+            spec.is_compatible_with(x)
+            for spec, x in zip(tf.nest.flatten(self.signature), tf.nest.flatten(inputs))
+        )
+        if fits:
+            return self.traced(inputs)
+        if self.other is None:
+            self.other = tf.function(
+                self.function, jit_compile=self.jit_compile, reduce_retracing=True, autograph=False
+            )
+        return self.other(inputs)
+
+
+def _variables(calls):
+    seen, variables = set(), []
+    for call in calls:
+        for variable in getattr(call.operation, "variables", ()):
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                variables.append(variable)
+    return variables
+
+
+class Capturing:
+    """While active, the inputs of hidden BatchNormalization layers can be recorded.
+
+    Each layer's `call` is wrapped (an instance attribute, removed on exit) to
+    append its input to `seen` inside `recording(layers)`; within a compiled
+    function that happens as it is traced.
+    """
+
+    def __init__(self, layers):
+        self.layers = list({id(layer): layer for layer in layers}.values())
+        self.seen = None
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.call = self._wrap(layer, layer.call)
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.call  # the class's own `call` again
+        return False
+
+    def _wrap(self, layer, call):
+        def recording_call(inputs, *args, **kwargs):
+            if self.seen is not None and id(layer) in self.seen:
+                self.seen[id(layer)].append(inputs)
+            return call(inputs, *args, **kwargs)
+
+        return recording_call
+
+    def recording(self, layers):
+        capture = self
+
+        class _Recording:
+            def __enter__(self):
+                capture.seen = {id(layer): [] for layer in layers}
+                return capture.seen
+
+            def __exit__(self, *exc):
+                capture.seen = None
+                return False
+
+        return _Recording()

@@ -1,0 +1,82 @@
+"""Data as `predict` takes it: its batches, and a batch as a model's input tensors."""
+
+import keras
+import numpy as np
+
+from bnseq import graph as graph_module
+
+
+def batches_of(data, batch_size, steps):
+    """The batches of `x` in `data`, as a list (read once per pass)."""
+    if isinstance(data, keras.utils.PyDataset):
+        batches = [_x_of(data[index]) for index in range(len(data))]
+    elif _is_arrays(data):
+        batches = _array_batches(data, batch_size or 32)
+    else:
+        if hasattr(data, "as_numpy_iterator"):  # a tf.data.Dataset
+            data = data.as_numpy_iterator()
+        batches = [_x_of(batch) for batch in data]
+    return batches[:steps] if steps is not None else batches
+
+
+def _is_arrays(data):
+    """An array, a tensor, or a list/tuple/dict of them: the model's whole input."""
+    if isinstance(data, (list, tuple, dict)) and not data:
+        return False
+    leaves = keras.tree.flatten(data) if isinstance(data, (list, tuple, dict)) else [data]
+    return all(hasattr(leaf, "shape") and hasattr(leaf, "__len__") for leaf in leaves)
+
+
+def _array_batches(data, batch_size):
+    leaves = keras.tree.flatten(data)
+    size = len(leaves[0])
+    return [
+        keras.tree.map_structure(lambda array, start=start: np.asarray(array[start : start + batch_size]), data)
+        for start in range(0, size, batch_size)
+    ]
+
+
+def _x_of(batch):
+    """`x` of a batch given as `x`, `(x,)`, `(x, y)` or `(x, y, w)`."""
+    if isinstance(batch, tuple) and 1 <= len(batch) <= 3:
+        return batch[0]
+    return batch
+
+
+def model_inputs(model, x):
+    """A batch as the tensors of `flat.inputs`, as a functional model reads its inputs.
+
+    As `keras.Model` does: a dict is matched by input names, arrays are
+    converted to each input's dtype, and a missing or extra trailing axis of
+    size 1 is added or dropped.
+    """
+    if not (isinstance(model, keras.Sequential) or graph_module.is_functional(model)):
+        return [x]  # a subclassed model takes its input as it comes
+    references = list(model.inputs)
+    if isinstance(x, dict) and not isinstance(model.input, dict):
+        missing = [tensor.name for tensor in references if tensor.name not in x]
+        if missing:
+            raise ValueError(
+                f"The data's dict has no entry for the input(s) {missing} of {type(model).__name__} "
+                f"'{model.name}'. Received: keys={sorted(x)}"
+            )
+        values = [x[tensor.name] for tensor in references]
+    elif len(references) == 1 and not isinstance(x, (list, tuple, dict)):
+        values = [x]
+    else:
+        values = keras.tree.flatten(x)
+    if len(values) != len(references):
+        raise ValueError(
+            f"{type(model).__name__} '{model.name}' takes {len(references)} input(s), but a batch of "
+            f"the data holds {len(values)}. Received: a batch of type {type(x).__name__}"
+        )
+    converted = []
+    for value, reference in zip(values, references):
+        value = keras.ops.convert_to_tensor(value, dtype=reference.dtype)
+        rank, expected = len(value.shape), len(reference.shape)
+        if rank == expected - 1 and reference.shape[-1] == 1:
+            value = keras.ops.expand_dims(value, -1)
+        elif rank == expected + 1 and value.shape[-1] == 1:
+            value = keras.ops.squeeze(value, -1)
+        converted.append(value)
+    return converted
