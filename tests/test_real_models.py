@@ -164,6 +164,29 @@ def test_backbone_batch_normalize_and_saved_file(backbone, tmp_path):
     assert [str(d) for d in bnseq.fold_report(path)] == [str(d) for d in bnseq.fold_report(model)]
 
 
+def test_backbone_recalibrate_is_exact_for_every_visible_batch_norm(backbone):
+    name, model = backbone
+    x = np.random.default_rng(3).normal(size=(10, *model.inputs[0].shape[1:])).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=4, verbose=0)
+    assert sorted(row.batch_norm for row in report) == sorted(layer.name for layer in batch_norms(model))
+    assert all(row.samples > 0 for row in report)
+    visible = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    hidden = len(batch_norms(model)) - len(visible)
+    if not batch_norms(model):
+        assert report.passes == 0.0 and report.cache_peak > 0  # VGG: nothing to compute
+    elif not hidden:
+        assert report.passes == 1.0
+    else:  # a subclassed block runs once more for each BatchNormalization inside it
+        assert report.passes > 1.0
+    for bn in visible:
+        values = infer(keras.Model(model.inputs, bn.input), x).astype(np.float64)
+        axes = tuple(axis for axis in range(values.ndim) if axis != bn.axis % values.ndim)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), values.mean(axis=axes),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), values.var(axis=axes),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_keras_applications_file(tmp_path):
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=4, classifier_activation=None

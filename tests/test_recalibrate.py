@@ -433,3 +433,32 @@ def test_a_batch_that_does_not_match_the_inputs():
         bnseq.recalibrate(model, {"left": np.ones((2, 3), "float32")}, verbose=0)
     with pytest.raises(ValueError, match=re.escape("takes 2 input(s), but a batch of the data holds 1")):
         bnseq.recalibrate(model, np.ones((2, 3), "float32"), verbose=0)
+
+
+def test_masks_reach_the_layers_as_in_the_model():
+    inputs = keras.Input((6,), dtype="int32")
+    hidden = layers.LSTM(4)(layers.Embedding(10, 3, mask_zero=True)(inputs))
+    bn = layers.BatchNormalization(name="bn")
+    model = scramble(keras.Model(inputs, bn(layers.Dense(3, use_bias=False)(hidden))), 38)
+    x = np.random.default_rng(39).integers(1, 10, size=(20, 6))
+    x[:, 4:] = 0  # padding the LSTM must skip
+    bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    assert_statistics(bn, *expected_statistics(keras.Model(inputs, bn.input), x, bn))
+
+
+def test_statistics_are_those_predict_computes_where_eager_calls_differ():
+    # A channels_first conv whose width equals its channels: Keras 3.15's TensorFlow eager add puts
+    # the bias on the wrong axis (see probes.bias_add_is_sound); predict, compiled, is right.
+    inputs = keras.Input((3, 6, 6))
+    conv = layers.Conv2D(4, 3, data_format="channels_first", bias_initializer="random_normal")
+    bn = layers.BatchNormalization(axis=1, name="bn")
+    model = scramble(keras.Model(inputs, bn(conv(inputs))), 40)
+    x = np.random.default_rng(41).normal(size=(16, 3, 6, 6)).astype("float32")
+    bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    head = keras.Model(inputs, bn.input)
+    head.compile(jit_compile=probes.needs_xla(head))  # XLA where TensorFlow lacks NCHW kernels
+    features = head.predict(x, verbose=0).astype(np.float64)
+    assert_statistics(bn, features.mean(axis=(0, 2, 3)), features.var(axis=(0, 2, 3)))
+    if probes.channels_first_runs() and not probes.bias_add_is_sound():
+        eager = keras.ops.convert_to_numpy(keras.Model(inputs, bn.input)(x)).astype(np.float64)
+        assert np.max(np.abs(eager - features)) > 1e-3  # the bug this test is about is there
