@@ -6,6 +6,7 @@ measures. It is compiled as Keras compiles `predict`; `_compiled` is the one
 place that differs by backend.
 """
 
+import contextlib
 import functools
 import inspect
 
@@ -155,7 +156,7 @@ class _TensorFlowFunction:
 
         if self.traced is None:
             self.signature = tf.nest.map_structure(
-                lambda x: tf.TensorSpec((None, *x.shape[1:]) if x.shape.rank else (), x.dtype), inputs
+                lambda x: tf.TensorSpec((None, *x.shape[1:]) if len(x.shape) else (), x.dtype), inputs
             )
             self.traced = tf.function(
                 self.function, input_signature=[self.signature], jit_compile=self.jit_compile, autograph=False
@@ -186,23 +187,29 @@ def _variables(calls):
 class Capturing:
     """While active, the inputs of hidden BatchNormalization layers can be recorded.
 
-    Each layer's `call` is wrapped (an instance attribute, removed on exit) to
-    append its input to `seen` inside `recording(layers)`; within a compiled
-    function that happens as it is traced.
+    Each layer's `call` is wrapped for the duration (an instance attribute; a
+    `call` the instance already had is put back on exit) to append its input
+    to `seen` inside `recording(layers)`; within a compiled function that
+    happens as it is traced.
     """
 
     def __init__(self, layers):
         self.layers = list({id(layer): layer for layer in layers}.values())
         self.seen = None
+        self._own = {}
 
     def __enter__(self):
         for layer in self.layers:
+            if "call" in vars(layer):
+                self._own[id(layer)] = vars(layer)["call"]
             layer.call = self._wrap(layer, layer.call)
         return self
 
     def __exit__(self, *exc):
         for layer in self.layers:
-            del layer.call  # the class's own `call` again
+            del layer.call
+            if id(layer) in self._own:
+                layer.call = self._own.pop(id(layer))
         return False
 
     def _wrap(self, layer, call):
@@ -213,16 +220,11 @@ class Capturing:
 
         return recording_call
 
+    @contextlib.contextmanager
     def recording(self, layers):
-        capture = self
-
-        class _Recording:
-            def __enter__(self):
-                capture.seen = {id(layer): [] for layer in layers}
-                return capture.seen
-
-            def __exit__(self, *exc):
-                capture.seen = None
-                return False
-
-        return _Recording()
+        """`seen`: `id(layer)` -> the inputs the layers were called on in the block."""
+        self.seen = {id(layer): [] for layer in layers}
+        try:
+            yield self.seen
+        finally:
+            self.seen = None

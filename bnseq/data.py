@@ -51,7 +51,7 @@ def model_inputs(model, x):
     size 1 is added or dropped.
     """
     if not (isinstance(model, keras.Sequential) or graph_module.is_functional(model)):
-        return [x]  # a subclassed model takes its input as it comes
+        return [keras.tree.map_structure(keras.ops.convert_to_tensor, x)]  # a subclassed model: as it comes
     references = list(model.inputs)
     if isinstance(x, dict) and not isinstance(model.input, dict):
         missing = [tensor.name for tensor in references if tensor.name not in x]

@@ -151,7 +151,7 @@ class _Plan:
     targets: dict  # level -> [(layer, Ref of its input)] visible BatchNormalization calls
     probes: dict  # level -> [(Call, [hidden layers])] subclassed calls to run with capture
     hidden: list  # every hidden layer measured
-    needed: int  # calls one forward pass of the needed part makes
+    needed: int  # calls one forward pass of the needed part makes (subclassed layers probed included)
     jit_compile: bool
     functions: dict = dataclasses.field(default_factory=dict)
 
@@ -241,7 +241,7 @@ def _make_plan(flat, batch_norms, chained, jit_compile):
         targets=dict(targets),
         probes=dict(probes_at),
         hidden=[layer for layers in hidden_in.values() for layer in layers],
-        needed=len(needed),
+        needed=len({id(call) for call in needed} | {id(call) for calls in probes_at.values() for call, _ in calls}),
         jit_compile=jit_compile,
     )
 

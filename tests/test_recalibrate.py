@@ -462,3 +462,24 @@ def test_statistics_are_those_predict_computes_where_eager_calls_differ():
     if probes.channels_first_runs() and not probes.bias_add_is_sound():
         eager = keras.ops.convert_to_numpy(keras.Model(inputs, bn.input)(x)).astype(np.float64)
         assert np.max(np.abs(eager - features)) > 1e-3  # the bug this test is about is there
+
+
+def test_a_subclassed_model_is_one_call_run_once_per_hidden_layer():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = layers.Dense(3, use_bias=False)
+            self.bn = layers.BatchNormalization(name="inner")
+
+        def call(self, x, training=None):
+            return self.bn(self.dense(x), training=training)
+
+    net = Net()
+    x = np.random.default_rng(42).normal(2.0, 1.0, size=(10, 4)).astype("float32")
+    net(x)
+    scramble(net, 43)
+    report = bnseq.recalibrate(net, x, batch_size=4, verbose=0)
+    assert [(row.batch_norm, row.samples) for row in report] == [("inner", 10)]
+    assert report.passes == 1.0  # one call of the model, run once for its one hidden layer
+    features = keras.ops.convert_to_numpy(net.dense(x)).astype(np.float64)
+    assert_statistics(net.bn, features.mean(axis=0), features.var(axis=0))
