@@ -179,7 +179,7 @@ def test_backbone_recalibrate_is_exact_for_every_visible_batch_norm(backbone):
     else:  # a subclassed block runs once more for each BatchNormalization inside it
         assert report.passes > 1.0
     for bn in visible:
-        values = infer(keras.Model(model.inputs, bn.input), x).astype(np.float64)
+        values = infer(keras.Model(model.input, bn.input), x).astype(np.float64)
         axes = tuple(axis for axis in range(values.ndim) if axis != bn.axis % values.ndim)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), values.mean(axis=axes),
                                    rtol=1e-5, atol=1e-5)
