@@ -2,7 +2,7 @@
 
 `Function(step)` runs a step's calls on its input tensors, in inference mode,
 and returns the cut it keeps and the per-channel moments of the inputs it
-measures. It is compiled as Keras compiles `predict`; `_compiled` is the one
+measures (one for each of `step.measured`). It is compiled as Keras compiles `predict`; `_compiled` is the one
 place that differs by backend.
 """
 
@@ -34,13 +34,12 @@ class Function:
         for call in self.step.calls:
             execute(call, values)
         moments = [_moments(values[ref], layer.axis) for layer, ref in self.step.targets]
-        captured = []
         for call, layers in self.step.probes:
             with self.capture.recording(layers) as seen:
                 execute(call, dict(values), keep=False)
             for layer in layers:
-                captured.append(_pooled_moments([_moments(each, layer.axis) for each in seen[id(layer)]]))
-        return [values[ref] for ref in self.step.keep], moments, captured
+                moments.append(_pooled_moments([_moments(each, layer.axis) for each in seen[id(layer)]]))
+        return [values[ref] for ref in self.step.keep], moments
 
 
 def execute(call, values, keep=True):

@@ -122,10 +122,7 @@ def _keep_predictions(model, inserted, batches):
         _set_affine(bn, bias)
     stats = segments.measure(model, batches, [bn for bn, _ in inserted], chained=False).stats
     for bn, bias in inserted:
-        pooled = stats[id(bn)]
-        if pooled.count:
-            bn.moving_mean.assign(pooled.mean.astype(bn.moving_mean.dtype))
-            bn.moving_variance.assign(pooled.variance.astype(bn.moving_variance.dtype))
+        stats[id(bn)].assign_to(bn)
         _set_affine(bn, bias)
 
 

@@ -7,7 +7,7 @@ from bnseq import graph as graph_module
 
 
 def batches_of(data, batch_size, steps):
-    """The batches of `x` in `data`, as a list (read once per pass)."""
+    """The batches of `x` in `data`, as a list (read once, then computed on step by step)."""
     if isinstance(data, keras.utils.PyDataset):
         batches = [_x_of(data[index]) for index in range(len(data))]
     elif _is_arrays(data):

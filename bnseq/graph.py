@@ -49,13 +49,8 @@ class Graph:
         return producers[0] if len(producers) == 1 else None
 
     def hidden_batch_norms(self, layer):
-        """BatchNormalization layers inside a leaf that no walk can see into.
-
-        A subclassed layer or model is one leaf: its `call()` has no graph.
-        """
-        if not isinstance(layer, keras.Layer) or isinstance(layer, keras.layers.BatchNormalization):
-            return []
-        return [each for each in inner_layers(layer) if isinstance(each, keras.layers.BatchNormalization)]
+        """BatchNormalization layers inside a leaf that no walk can see into (see `hidden_batch_norms`)."""
+        return hidden_batch_norms(layer)
 
     def feeds_only(self, producer, consumer):
         """Whether `consumer` is the only user of `producer`'s output.
@@ -170,6 +165,19 @@ class Flat:
     calls: list
     outputs: list
 
+    def batch_norms(self):
+        """Every BatchNormalization called, once each, in call order.
+
+        Those hidden in a subclassed layer come just before that layer.
+        """
+        found = {}
+        for call in self.calls:
+            for layer in hidden_batch_norms(call.operation):
+                found.setdefault(id(layer), layer)
+            if isinstance(call.operation, keras.layers.BatchNormalization):
+                found.setdefault(id(call.operation), call.operation)
+        return list(found.values())
+
 
 def flatten(model):
     """Read `model` into a `Flat` list of leaf calls (see `walk` for the models read)."""
@@ -195,6 +203,16 @@ def is_functional(model):
         return model.outputs is not None and model._nodes_by_depth is not None
     except AttributeError:
         return False
+
+
+def hidden_batch_norms(layer):
+    """BatchNormalization layers inside a leaf that no walk can see into.
+
+    A subclassed layer or model is one leaf: its `call()` has no graph.
+    """
+    if not isinstance(layer, keras.Layer) or isinstance(layer, keras.layers.BatchNormalization):
+        return []
+    return [each for each in inner_layers(layer) if isinstance(each, keras.layers.BatchNormalization)]
 
 
 def inner_layers(layer):

@@ -142,23 +142,18 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
         raise ValueError(f"recalibrate needs data with at least one batch. Received: data={data!r}")
     if not model.built:  # as predict does: the first batch builds it
         probes.infer(model, batches[0])
-    graph = graph_module.walk(model)
-    in_order = []  # model order: each leaf's hidden BatchNormalization layers, then the leaf itself
-    for leaf in graph.layers:
-        in_order.extend(graph.hidden_batch_norms(leaf))
-        if isinstance(leaf, keras.layers.BatchNormalization):
-            in_order.append(leaf)
-    in_order = list({id(layer): layer for layer in in_order}.values())
+    flat = graph_module.flatten(model)
+    in_order = flat.batch_norms()
     before = {id(layer): _statistics_of(layer) for layer in in_order}
     progress = keras.utils.Progbar(None, unit_name="step") if verbose != 0 and in_order else None
 
     def set_level(layers, stats):
         for layer in layers:
-            _set_statistics(layer, stats[id(layer)])
+            stats[id(layer)].assign_to(layer)
 
     try:
         measured = segments.measure(
-            model, batches, in_order, chained=True, on_level=set_level, cache_limit=cache_limit, progress=progress
+            model, batches, in_order, flat=flat, on_level=set_level, cache_limit=cache_limit, progress=progress
         )
     except BaseException:
         for layer in in_order:  # a failed call leaves the model as it was
@@ -188,10 +183,3 @@ def _statistics_of(layer):
         keras.ops.convert_to_numpy(layer.moving_mean).copy(),
         keras.ops.convert_to_numpy(layer.moving_variance).copy(),
     )
-
-
-def _set_statistics(layer, pooled):
-    if pooled.count == 0:
-        return
-    layer.moving_mean.assign(pooled.mean.astype(layer.moving_mean.dtype))
-    layer.moving_variance.assign(pooled.variance.astype(layer.moving_variance.dtype))

@@ -52,13 +52,11 @@ class Measurement:
         passes: float. Layer calls made, over the calls one forward pass
             makes (1.0 when every cut was kept).
         cache_peak: int. The most bytes of activations kept at once.
-        steps: int. How many levels were measured, one after the other.
     """
 
     stats: dict
     passes: float
     cache_peak: int
-    steps: int
 
 
 class Pooled:
@@ -91,8 +89,16 @@ class Pooled:
         """The biased variance, as Keras's batch statistics."""
         return self.m2 / self.count
 
+    def assign_to(self, layer):
+        """Set `layer`'s moving mean and variance to these (left as they are with no samples)."""
+        if self.count:
+            layer.moving_mean.assign(self.mean.astype(layer.moving_mean.dtype))
+            layer.moving_variance.assign(self.variance.astype(layer.moving_variance.dtype))
 
-def measure(model, batches, batch_norms, *, chained=True, on_level=None, cache_limit="auto", progress=None):
+
+def measure(
+    model, batches, batch_norms, *, flat=None, chained=True, on_level=None, cache_limit="auto", progress=None
+):
     """Pool the inputs of `batch_norms` over `batches`, everything else in inference mode.
 
     Args:
@@ -100,6 +106,7 @@ def measure(model, batches, batch_norms, *, chained=True, on_level=None, cache_l
         batches: list. Batches of the model's input, as `model(x)` takes.
         batch_norms: list of BatchNormalization layers to measure, visible in
             the model's graph or hidden in subclassed layers.
+        flat: `graph.Flat`, optional. The model already flattened.
         chained: bool. `True` when a layer's statistics change what comes
             after it, so levels are measured in turn and `on_level` sets each
             level's statistics before the next is measured; `False` when they
@@ -119,7 +126,7 @@ def measure(model, batches, batch_norms, *, chained=True, on_level=None, cache_l
             other layers) as input, which no statistics can be exact for.
     """
     limit = _cache_limit(cache_limit)
-    plan = _plan_for(model, batch_norms, chained)
+    plan = _plan_for(model, flat or graph_module.flatten(model), batch_norms, chained)
     values = [data.model_inputs(model, x) for x in batches]
     stats = {id(layer): Pooled() for layer in batch_norms}
     levels = [level for level in range(1, plan.levels + 1) if plan.targets.get(level) or plan.probes.get(level)]
@@ -132,7 +139,7 @@ def measure(model, batches, batch_norms, *, chained=True, on_level=None, cache_l
             run.step(level - 1, progress)
             if on_level is not None:
                 on_level(plan.by_level.get(level, []), stats)
-    return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak, steps=len(levels))
+    return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak)
 
 
 # Levels and steps -------------------------------------------------------------
@@ -159,19 +166,19 @@ class _Plan:
 _PLANS = weakref.WeakKeyDictionary()  # model -> {key: _Plan}; a plan holds no reference to its model
 
 
-def _plan_for(model, batch_norms, chained):
-    flat = graph_module.flatten(model)
+def _plan_for(model, flat, batch_norms, chained):
+    jit_compile = probes.needs_xla(model)
     key = (
         tuple((id(call.operation), len(call.inputs), len(call.outputs)) for call in flat.calls),
         tuple(id(layer) for layer in batch_norms),
         chained,
-        probes.needs_xla(model),
+        jit_compile,
     )
     opaque = any(call.operation is model for call in flat.calls)  # a subclassed model: its own leaf
     plans = None if opaque else _PLANS.setdefault(model, {})
     if plans is not None and key in plans:
         return plans[key]
-    plan = _make_plan(flat, batch_norms, chained, probes.needs_xla(model))
+    plan = _make_plan(flat, batch_norms, chained, jit_compile)
     if plans is not None:
         plans.clear()  # one plan per model: an old one is for a model that has changed since
         plans[key] = plan
@@ -184,11 +191,10 @@ def _make_plan(flat, batch_norms, chained, jit_compile):
     wanted = {id(layer) for layer in batch_norms}
     hidden_in = {}  # id(Call) -> the measured layers hidden inside its operation, in order
     for call in flat.calls:
-        if isinstance(call.operation, keras.Layer) and id(call.operation) not in wanted:
-            inner = [each for each in graph_module.inner_layers(call.operation) if id(each) in wanted]
-            if inner:
-                hidden_in[id(call)] = inner
-    level_of_layer, level_of_ref, call_level = _levels(flat, wanted, hidden_in, chained)
+        inner = [each for each in graph_module.hidden_batch_norms(call.operation) if id(each) in wanted]
+        if inner:
+            hidden_in[id(call)] = inner
+    level_of_layer, call_level = _levels(flat, wanted, hidden_in, chained)
     levels = max(level_of_layer.values(), default=0)
     targets, probes_at = collections.defaultdict(list), collections.defaultdict(list)
     by_level = collections.defaultdict(list)
@@ -247,7 +253,7 @@ def _make_plan(flat, batch_norms, chained, jit_compile):
 
 
 def _levels(flat, wanted, hidden_in, chained):
-    """Levels of the measured layers, of every `Ref` and of every call.
+    """Levels of the measured layers and of every call.
 
     A measured layer's level is one more than the highest level of its inputs
     (over all its calls, for a shared layer); with `chained`, its outputs have
@@ -276,7 +282,7 @@ def _levels(flat, wanted, hidden_in, chained):
             for ref in call.outputs:
                 level_of_ref[ref] = level
         if level_of_layer == before:
-            return level_of_layer, level_of_ref, call_level
+            return level_of_layer, call_level
     rising = [call.operation for call in flat.calls if id(call.operation) in wanted]
     rising = [layer for layer in rising if level_of_layer[id(layer)] != before.get(id(layer))]
     name = rising[0].name if rising else "?"
@@ -302,6 +308,11 @@ class _Step:
     targets: list  # [(layer, Ref)]
     probes: list  # [(Call, [layers])]
     keep: list
+
+    @property
+    def measured(self):
+        """The layer of each moment the step's function returns: the targets', then the probed."""
+        return [layer for layer, _ in self.targets] + [layer for _, layers in self.probes for layer in layers]
 
 
 def _step(plan, start, stop, store):
@@ -339,6 +350,7 @@ class _Run:
         self.plan, self.capture, self.stats, self.limit = plan, capture, stats, limit
         self.batch_count = batch_count
         self.kept = {}  # Ref -> [value per batch]
+        self.kept_bytes = 0
         self.kept_step = -1
         self.peak = 0
         self.work = 0
@@ -346,7 +358,7 @@ class _Run:
     def start(self, values):
         for index, ref in enumerate(self.plan.flat.inputs):
             self.kept[ref] = [batch[index] for batch in values]
-        self.peak = self._bytes(self.kept)
+        self.kept_bytes = self.peak = _bytes(self.kept)
 
     def passes(self):
         return self.work / (self.plan.needed * self.batch_count) if self.plan.needed else 0.0
@@ -355,30 +367,28 @@ class _Run:
         store = step + 1 < self.plan.levels  # the last step keeps nothing
         function = self._function(self.kept_step, step, store)
         kept = collections.defaultdict(list)
-        kept_bytes = self._bytes(self.kept)
         for index in range(self.batch_count):
             inputs = [self.kept[ref][index] for ref in function.step.inputs]
-            outputs, moments, captured = function(inputs)
+            outputs, moments = function(inputs)
             self.work += len(function.step.calls) + len(function.step.probes)
-            for (layer, _), (count, mean, m2) in zip(function.step.targets, moments):
-                self.stats[id(layer)].merge(*_numpy((count, mean, m2)))
-            for layer, (count, mean, m2) in zip(_probed(function.step), captured):
-                self.stats[id(layer)].merge(*_numpy((count, mean, m2)))
+            for layer, values in zip(function.step.measured, moments):
+                self.stats[id(layer)].merge(*(keras.ops.convert_to_numpy(value) for value in values))
             if store:
                 for ref, value in zip(function.step.keep, outputs):
                     kept[ref].append(value)
-                if index == 0 and kept_bytes + self._bytes(kept) * self.batch_count > self.limit:
+                if index == 0 and self.kept_bytes + _bytes(kept) * self.batch_count > self.limit:
                     store = False  # this cut does not fit: the next step starts from the last one again
                     kept.clear()
                     function = self._function(self.kept_step, step, store)
             if progress is not None:
                 progress.add(1)
         if store:
-            carried = [ref for ref in _cut(self.plan, step) if ref not in kept]
-            self.peak = max(self.peak, kept_bytes + self._bytes(kept))
-            for ref in carried:
-                kept[ref] = self.kept[ref]
+            self.peak = max(self.peak, self.kept_bytes + _bytes(kept))  # the old cut and the new, at once
+            for ref in _cut(self.plan, step):
+                if ref not in kept:  # made before this step, still read after it
+                    kept[ref] = self.kept[ref]
             self.kept, self.kept_step = dict(kept), step
+            self.kept_bytes = _bytes(self.kept)
 
     def _function(self, start, stop, store):
         key = (start, stop, store)
@@ -392,23 +402,17 @@ class _Run:
         function.capture = self.capture
         return function
 
-    @staticmethod
-    def _bytes(kept):
-        total = 0
-        for values in kept.values():
-            for value in values:
-                for leaf in keras.tree.flatten(value):
-                    dtype = np.dtype(keras.backend.standardize_dtype(leaf.dtype))
-                    total += int(np.prod(leaf.shape)) * dtype.itemsize
-        return total
 
 
-def _probed(step):
-    return [layer for _, layers in step.probes for layer in layers]
-
-
-def _numpy(values):
-    return [keras.ops.convert_to_numpy(value) for value in values]
+def _bytes(kept):
+    """The bytes of the tensors in `kept` (`Ref` -> a value per batch)."""
+    total = 0
+    for values in kept.values():
+        for value in values:
+            for leaf in keras.tree.flatten(value):
+                dtype = np.dtype(keras.backend.standardize_dtype(leaf.dtype))
+                total += int(np.prod(leaf.shape)) * dtype.itemsize
+    return total
 
 
 # Memory ----------------------------------------------------------------------

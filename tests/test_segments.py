@@ -8,6 +8,7 @@ import numpy as np
 from keras import layers
 
 import bnseq
+from bnseq import graph
 from bnseq import segments
 
 
@@ -31,20 +32,20 @@ def levels_of(plan):
 
 def test_levels_of_a_residual_graph():
     model = residual()
-    plan = segments._plan_for(model, batch_norms(model), chained=True)
+    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
     assert plan.levels == 3
     assert levels_of(plan) == {1: ["a", "short"], 2: ["b"], 3: ["c"]}
 
 
 def test_without_chaining_every_layer_is_measured_at_once():
     model = residual()
-    plan = segments._plan_for(model, batch_norms(model), chained=False)
+    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=False)
     assert levels_of(plan) == {1: ["a", "b", "c", "short"]}
 
 
 def test_each_call_runs_once_and_the_head_never():
     model = residual()
-    plan = segments._plan_for(model, batch_norms(model), chained=True)
+    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
     names = [call.operation.name for call in plan.flat.calls if id(call) in plan.call_step]
     assert "head" not in names and "c" not in names  # nothing after the last BatchNormalization's input
     steps, start = [], -1
@@ -59,7 +60,7 @@ def test_each_call_runs_once_and_the_head_never():
 
 def test_a_cut_keeps_what_later_steps_read_and_the_input_for_the_skip():
     model = residual()
-    plan = segments._plan_for(model, batch_norms(model), chained=True)
+    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
     after_first = segments._cut(plan, 0)
     producers = {ref: call.operation.name for call in plan.flat.calls for ref in call.outputs}
     assert sorted(producers.get(ref, "input") for ref in after_first) == ["da", "ds", "input"]
