@@ -345,5 +345,5 @@ def test_recalibrate_cache_limit_must_be_a_size(tmp_path, capsys):
         cli.main(["recalibrate", "in.keras", "out.keras", "--data", "x.npy", "--cache-limit", "lots"])
     assert "expected 'auto' or a size such as 500M. Received: lots" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["recalibrate", "in.keras", "out.keras", "--data", "x.npy", "--cache-limit", "-1M"])
+        cli.main(["recalibrate", "in.keras", "out.keras", "--data", "x.npy", "--cache-limit=-1M"])
     assert "a size cannot be negative. Received: -1M" in capsys.readouterr().err
