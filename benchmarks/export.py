@@ -74,7 +74,7 @@ def runs(model, folded, x, runtime, suffix, threads, directory):
         if not os.path.exists(path):
             bnseq.probes.infer(each, x)
             _write(each, path, {"onnx": "onnx", "tflite": "litert"}[suffix])
-        out.append(_loaded(runtime, path, [x], threads, suffix))
+        out.append(_loaded(runtime, path, [x], threads, suffix)[0])
     return out
 
 

@@ -123,14 +123,14 @@ def main(argv=None):
         return demo.run(epochs=args.epochs, seed=args.seed, out=args.out)
     if args.command == "lint":
         return _lint(args.paths, args.format, not args.unsafe)
-    if args.command == "fold":
-        return _fold(args.input, args.output, args.strict, not args.unsafe)
-    if args.command == "export":
-        return _export(args)
-    if args.command == "recalibrate":
-        return _recalibrate(args.input, args.output, args.data, args.batch_size, args.cache_limit, not args.unsafe)
-    parser.print_help()
-    return 2
+    commands = {"fold": _fold, "export": _export, "recalibrate": _recalibrate}
+    if args.command not in commands:
+        parser.print_help()
+        return 2
+    try:
+        return commands[args.command](args)
+    except _Failure as failure:
+        return _fail(str(failure))
 
 
 def _size(text):
@@ -162,6 +162,31 @@ def _fail(message):
     return 2
 
 
+class _Failure(Exception):
+    """A file or argument the command cannot use: `main` prints it as one line and returns 2."""
+
+
+def _first_line(error):
+    return str(error).splitlines()[0]
+
+
+def _load(args, *, keras_output=True):
+    """The model in `args.input`, after checking that `args.output` can be a .keras file."""
+    if keras_output and not str(args.output).endswith(".keras"):
+        raise _Failure(f"the output file must end in .keras. Received: {args.output}")
+    try:
+        return bnseq.files.as_model(args.input, safe_mode=not args.unsafe)
+    except (OSError, ValueError) as error:
+        raise _Failure(_first_line(error)) from None
+
+
+def _save(model, path):
+    try:
+        model.save(path)
+    except (OSError, ValueError) as error:
+        raise _Failure(f"cannot write '{path}': {_first_line(error)}") from None
+
+
 def _lint(paths, output_format, safe_mode):
     """Lint every path; a file that cannot be read makes the status 2."""
     results, failed = [], False
@@ -170,7 +195,7 @@ def _lint(paths, output_format, safe_mode):
             findings = bnseq.lint(path, safe_mode=safe_mode)
         except (OSError, ValueError) as error:
             failed = True
-            _fail(str(error).splitlines()[0])
+            _fail(_first_line(error))
             continue
         results.extend((path, finding) for finding in findings)
     if output_format == "json":
@@ -188,25 +213,17 @@ def _lint(paths, output_format, safe_mode):
     return 1 if results else 0
 
 
-def _fold(input_path, output_path, strict, safe_mode):
+def _fold(args):
     # `bnseq.fold` is the function; the module's helpers come from bnseq.fold.
     from bnseq.fold import probe_difference
 
+    model = _load(args)
     try:
-        model = bnseq.files.as_model(input_path, safe_mode=safe_mode)
-    except (OSError, ValueError) as error:
-        return _fail(str(error).splitlines()[0])
-    if not str(output_path).endswith(".keras"):
-        return _fail(f"the output file must end in .keras. Received: {output_path}")
-    try:
-        folded, report = bnseq.fold_with_report(model, strict=strict)
+        folded, report = bnseq.fold_with_report(model, strict=args.strict)
     except ValueError as error:
         print(f"bnseq: {error}", file=sys.stderr)
         return 1
-    try:
-        folded.save(output_path)
-    except (OSError, ValueError) as error:
-        return _fail(f"cannot write '{output_path}': {str(error).splitlines()[0]}")
+    _save(folded, args.output)
     done = sum(decision.folded for decision in report)
     print(f"Folded {done} of {len(report)} BatchNormalization layers into the layers before them.")
     for decision in report:
@@ -217,18 +234,18 @@ def _fold(input_path, output_path, strict, safe_mode):
         f"Largest output difference on a random probe: {difference:.3g} "
         f"(relative {relative:.3g})."
     )
-    print(f"Wrote {output_path}")
+    print(f"Wrote {args.output}")
     return 0
 
 
 def _export(args):
     import numpy as np
 
+    model = _load(args, keras_output=False)  # export checks the output against the format
     try:
-        model = bnseq.files.as_model(args.input, safe_mode=not args.unsafe)
         sample = None if args.sample is None else np.load(args.sample, allow_pickle=False)
     except (OSError, ValueError) as error:
-        return _fail(str(error).splitlines()[0])
+        raise _Failure(_first_line(error)) from None
     try:
         report = bnseq.export(
             model,
@@ -244,24 +261,19 @@ def _export(args):
         print(f"bnseq: {error}", file=sys.stderr)
         return 1
     except (ImportError, OSError, ValueError) as error:
-        return _fail(str(error).splitlines()[0])
+        raise _Failure(_first_line(error)) from None
     print(report)
     return 0
 
 
-def _recalibrate(input_path, output_path, data_path, batch_size, cache_limit, safe_mode):
+def _recalibrate(args):
     import numpy as np
 
+    model = _load(args)
     try:
-        model = bnseq.files.as_model(input_path, safe_mode=safe_mode)
+        loaded = np.load(args.data, allow_pickle=False)
     except (OSError, ValueError) as error:
-        return _fail(str(error).splitlines()[0])
-    if not str(output_path).endswith(".keras"):
-        return _fail(f"the output file must end in .keras. Received: {output_path}")
-    try:
-        loaded = np.load(data_path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        return _fail(f"cannot read the data '{data_path}': {str(error).splitlines()[0]}")
+        raise _Failure(f"cannot read the data '{args.data}': {_first_line(error)}") from None
     if isinstance(loaded, np.ndarray):  # .npy: the inputs of a one-input model
         data = loaded
     else:  # .npz: the model's inputs in order
@@ -269,16 +281,13 @@ def _recalibrate(input_path, output_path, data_path, batch_size, cache_limit, sa
             data = [loaded[name] for name in loaded.files]
         data = data[0] if len(data) == 1 else data
     try:
-        report = bnseq.recalibrate(model, data, batch_size=batch_size, verbose=0, cache_limit=cache_limit)
+        report = bnseq.recalibrate(model, data, batch_size=args.batch_size, verbose=0, cache_limit=args.cache_limit)
     except (TypeError, ValueError) as error:
-        return _fail(f"cannot recalibrate '{input_path}' on '{data_path}': {str(error).splitlines()[0]}")
-    try:
-        model.save(output_path)
-    except (OSError, ValueError) as error:
-        return _fail(f"cannot write '{output_path}': {str(error).splitlines()[0]}")
-    print(f"Recalibrated {len(report)} BatchNormalization layers on {data_path}.")
+        raise _Failure(f"cannot recalibrate '{args.input}' on '{args.data}': {_first_line(error)}") from None
+    _save(model, args.output)
+    print(f"Recalibrated {len(report)} BatchNormalization layers on {args.data}.")
     print(report)
-    print(f"Wrote {output_path}")
+    print(f"Wrote {args.output}")
     return 0
 
 

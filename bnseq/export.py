@@ -145,8 +145,8 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
         target, decisions = model, fold_module.fold_report(model)
     probes.infer(target, _as_call_input(inputs))  # Keras's ONNX exporter wants a called model
     _write(target, path, chosen)
-    run = _loaded(runtime, path, inputs, threads, chosen)
-    actual = keras.tree.flatten(run())
+    run, outputs = _loaded(runtime, path, inputs, threads, chosen)
+    actual = keras.tree.flatten(outputs)
     max_abs = scale = 0.0
     for a, b in zip(expected, actual):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64).reshape(np.shape(a))
@@ -159,7 +159,7 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
             other = os.path.join(directory, "unfolded" + (os.path.splitext(path)[1] or ""))
             probes.infer(model, _as_call_input(inputs))
             _write(model, other, chosen)
-            run_unfolded = _loaded(runtime, other, inputs, threads, chosen)
+            run_unfolded, _ = _loaded(runtime, other, inputs, threads, chosen)
             latency, unfolded_latency = _interleaved_latency([run, run_unfolded])
     else:
         (latency,) = _interleaved_latency([run])
@@ -187,16 +187,19 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
 
 
 def _loaded(runtime, path, inputs, threads, chosen):
-    """The artifact loaded in its runtime, ready to run; a clear error where the runtime refuses it."""
+    """The artifact loaded in its runtime and run once: `(run, outputs)`; a clear error where it is refused.
+
+    That first run is also the warm-up of the timing that follows.
+    """
     try:
         run = runtime(path, inputs, threads)
-        run()
+        outputs = run()
     except Exception as error:  # each runtime has its own error classes
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"The {chosen} runtime cannot run '{path}', which Keras's exporter wrote: {first}"
         ) from error
-    return run
+    return run, outputs
 
 
 def _format_of(path, format):
@@ -308,9 +311,10 @@ def _as_call_input(inputs):
 
 
 def _interleaved_latency(runs, rounds=7, calls=5):
-    """Median seconds per call of each run, rounds interleaved in rotating order."""
-    for run in runs:
-        run()
+    """Median seconds per call of each run, rounds interleaved in rotating order.
+
+    Every run has been called once already (`_loaded`), so there is no warm-up here.
+    """
     times = [[] for _ in runs]
     for round_index in range(rounds):
         order = list(range(len(runs)))
