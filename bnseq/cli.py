@@ -167,7 +167,9 @@ class _Failure(Exception):
 
 
 def _first_line(error):
-    return str(error).splitlines()[0]
+    """The first line of an error's message, or its class name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _load(args, *, keras_output=True):

@@ -290,6 +290,15 @@ def test_fold_bad_files_exit_2_with_one_line(trained_file, tmp_path, capsys, arg
     assert len(captured.err.splitlines()) == 1 and "Traceback" not in captured.err
 
 
+def test_an_error_without_a_message_is_still_one_line(tmp_path, capsys, monkeypatch):
+    def refuse(path, safe_mode):
+        raise OSError()
+
+    monkeypatch.setattr(bnseq.files, "as_model", refuse)
+    assert cli.main(["fold", str(tmp_path / "in.keras"), str(tmp_path / "out.keras")]) == 2
+    assert capsys.readouterr().err == "bnseq: error: OSError\n"
+
+
 def test_recalibrate_writes_exact_statistics(tmp_path, capsys):
     model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4, name="d")], batch_norm=True)
     model.save(tmp_path / "in.keras")
