@@ -209,6 +209,18 @@ class Sequential(units.Units, keras.Sequential):
             kwargs["jit_compile"] = True
         super().compile(*args, **kwargs)
 
+    def compile_from_config(self, config):
+        """Compiles a loaded model as it was saved, as `keras.Model` does.
+
+        Keras skips this step, with a warning, for any model that overrides
+        `compile()`; a `.keras` file of a compiled bnseq.Sequential would load
+        uncompiled, its optimizer state lost. This is Keras's own body of the
+        method, through this class's `compile()`.
+        """
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)  # its saved variables load into these
+
     def _add_normalized(self, layer, options, rebuild, index, batch_norm_name=None):
         """Split `layer` into its normalized unit and append the unit."""
         rewrite.check_splittable(layer, index)

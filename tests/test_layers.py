@@ -33,7 +33,7 @@ def make(kind, data_format):
     return kind(**arguments)
 
 
-@pytest.mark.parametrize("kind, rank, data_format", linear_cases())
+@pytest.mark.parametrize("kind, rank, data_format", list(linear_cases()))
 def test_axis_is_what_bnseq_sequential_chooses(kind, rank, data_format):
     inputs = keras.Input((4,) * (rank + 1))
     linear = make(kind, data_format)

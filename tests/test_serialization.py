@@ -8,6 +8,7 @@ the same weights and the same predictions.
 
 import copy
 import pickle
+import warnings
 from unittest import mock
 
 import keras
@@ -195,3 +196,25 @@ def test_nested_in_a_functional_model(tmp_path):
     assert type(restored_inner) is bnseq.Sequential
     assert describe(restored_inner) == describe(inner)
     np.testing.assert_allclose(restored.predict(x, verbose=0), outer.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_a_compiled_model_loads_compiled_and_trains_on_from_its_optimizer_state(tmp_path):
+    # Keras skips compile_from_config, with a UserWarning, for a model that overrides compile().
+    model = bnseq.Sequential([keras.Input(X.shape[1:]), *_layers()], batch_norm=True)
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    y = np.ones((len(X), *model.output_shape[1:]))
+    model.fit(X, y, epochs=2, batch_size=2, shuffle=False, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = keras.saving.load_model(path)
+    assert loaded.compiled and type(loaded.optimizer) is type(model.optimizer)
+    iterations = [int(keras.ops.convert_to_numpy(each.optimizer.iterations)) for each in (model, loaded)]
+    assert iterations == [4, 4]
+    for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored), keras.ops.convert_to_numpy(saved))
+    model.fit(X, y, epochs=1, batch_size=2, shuffle=False, verbose=0)
+    loaded.fit(X, y, epochs=1, batch_size=2, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
