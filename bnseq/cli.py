@@ -5,6 +5,7 @@ import json
 import sys
 
 import bnseq
+from bnseq.notices import first_line
 
 UNSAFE_HELP = (
     "load files with Lambda layers (Keras's safe_mode=False, which runs the "
@@ -166,12 +167,6 @@ class _Failure(Exception):
     """A file or argument the command cannot use: `main` prints it as one line and returns 2."""
 
 
-def _first_line(error):
-    """The first line of an error's message, or its class name when the message is empty."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def _load(args, *, keras_output=True):
     """The model in `args.input`, after checking that `args.output` can be a .keras file."""
     if keras_output and not str(args.output).endswith(".keras"):
@@ -179,14 +174,14 @@ def _load(args, *, keras_output=True):
     try:
         return bnseq.files.as_model(args.input, safe_mode=not args.unsafe)
     except (OSError, ValueError) as error:
-        raise _Failure(_first_line(error)) from None
+        raise _Failure(first_line(error)) from None
 
 
 def _save(model, path):
     try:
         model.save(path)
     except (OSError, ValueError) as error:
-        raise _Failure(f"cannot write '{path}': {_first_line(error)}") from None
+        raise _Failure(f"cannot write '{path}': {first_line(error)}") from None
 
 
 def _lint(paths, output_format, safe_mode):
@@ -197,7 +192,7 @@ def _lint(paths, output_format, safe_mode):
             findings = bnseq.lint(path, safe_mode=safe_mode)
         except (OSError, ValueError) as error:
             failed = True
-            _fail(_first_line(error))
+            _fail(first_line(error))
             continue
         results.extend((path, finding) for finding in findings)
     if output_format == "json":
@@ -247,7 +242,7 @@ def _export(args):
     try:
         sample = None if args.sample is None else np.load(args.sample, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise _Failure(_first_line(error)) from None
+        raise _Failure(first_line(error)) from None
     try:
         report = bnseq.export(
             model,
@@ -263,7 +258,7 @@ def _export(args):
         print(f"bnseq: {error}", file=sys.stderr)
         return 1
     except (ImportError, OSError, ValueError) as error:
-        raise _Failure(_first_line(error)) from None
+        raise _Failure(first_line(error)) from None
     print(report)
     return 0
 
@@ -275,7 +270,7 @@ def _recalibrate(args):
     try:
         loaded = np.load(args.data, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise _Failure(f"cannot read the data '{args.data}': {_first_line(error)}") from None
+        raise _Failure(f"cannot read the data '{args.data}': {first_line(error)}") from None
     if isinstance(loaded, np.ndarray):  # .npy: the inputs of a one-input model
         data = loaded
     else:  # .npz: the model's inputs in order
@@ -285,7 +280,7 @@ def _recalibrate(args):
     try:
         report = bnseq.recalibrate(model, data, batch_size=args.batch_size, verbose=0, cache_limit=args.cache_limit)
     except (TypeError, ValueError) as error:
-        raise _Failure(f"cannot recalibrate '{args.input}' on '{args.data}': {_first_line(error)}") from None
+        raise _Failure(f"cannot recalibrate '{args.input}' on '{args.data}': {first_line(error)}") from None
     _save(model, args.output)
     print(f"Recalibrated {len(report)} BatchNormalization layers on {args.data}.")
     print(report)

@@ -19,6 +19,7 @@ import numpy as np
 
 from bnseq import files
 from bnseq import fold as fold_module
+from bnseq import notices
 from bnseq import probes
 
 FORMATS = {".onnx": "onnx", ".tflite": "litert", ".keras": "keras"}
@@ -195,9 +196,8 @@ def _loaded(runtime, path, inputs, threads, chosen):
         run = runtime(path, inputs, threads)
         outputs = run()
     except Exception as error:  # each runtime has its own error classes
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"The {chosen} runtime cannot run '{path}', which Keras's exporter wrote: {first}"
+            f"The {chosen} runtime cannot run '{path}', which Keras's exporter wrote: {notices.first_line(error)}"
         ) from error
     return run, outputs
 
@@ -247,8 +247,9 @@ def _write(model, path, chosen):
     try:
         model.export(path, format=chosen, verbose=False)
     except Exception as error:  # the converters raise their own error classes
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Keras's {chosen} exporter cannot write '{path}': {first}") from error
+        raise ValueError(
+            f"Keras's {chosen} exporter cannot write '{path}': {notices.first_line(error)}"
+        ) from error
 
 
 def _onnx(path, inputs, threads):

@@ -5,6 +5,8 @@ import zipfile
 
 import keras
 
+from bnseq import notices
+
 
 def as_model(model_or_path, *, safe_mode=True):
     """A model given as itself or as the path of a `.keras` file.
@@ -42,11 +44,10 @@ def as_model(model_or_path, *, safe_mode=True):
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as error:  # Keras raises many kinds for a bad archive
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         if safe_mode and "safe_mode" in str(error):
             raise ValueError(
                 f"'{path}' holds a Lambda layer, whose Python code Keras loads only "
                 "outside safe mode. If you trust the file, pass safe_mode=False "
                 "(on the command line: --unsafe)."
             ) from error
-        raise ValueError(f"Keras cannot load '{path}': {first}") from error
+        raise ValueError(f"Keras cannot load '{path}': {notices.first_line(error)}") from error

@@ -1,4 +1,5 @@
-"""The warnings bnseq gives: two categories, and a `warn` that points at the user.
+"""What bnseq tells the user: two warning categories, a `warn` that points at the user, and
+`first_line`, how an error from Keras or a runtime is quoted in one of bnseq's messages.
 
 Kept apart from `rules.py`, which decides on plain values and says nothing.
 """
@@ -26,6 +27,12 @@ class PlatformWarning(UserWarning):
     Separate from `BatchNormPlacementWarning`: it is about the machine, not the
     model, and the same model runs elsewhere.
     """
+
+
+def first_line(error):
+    """The first line of an error's message, or its class name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def warn(message, category=BatchNormPlacementWarning):
