@@ -38,7 +38,8 @@ class Function:
             with self.capture.recording(layers) as seen:
                 execute(call, dict(values), keep=False)
             for layer in layers:
-                moments.append(_pooled_moments([_moments(each, layer.axis) for each in seen[id(layer)]]))
+                parts = [_moments(each, layer.axis) for each in seen[id(layer)]]
+                moments.append(_pooled_moments(parts) if parts else _no_moments(layer))
         return [values[ref] for ref in self.step.keep], moments
 
 
@@ -87,6 +88,12 @@ def _moments(x, axis):
     m2 = keras.ops.sum(keras.ops.square(x - mean), axis=others)
     count = keras.ops.size(x) // keras.ops.shape(x)[axis]
     return count, keras.ops.reshape(mean, (-1,)), m2
+
+
+def _no_moments(layer):
+    """The moments of a layer the call did not reach: no samples (statistics left as they are)."""
+    zeros = keras.ops.zeros(keras.ops.shape(layer.moving_mean), "float32")
+    return keras.ops.convert_to_tensor(0, "int32"), zeros, zeros
 
 
 def _pooled_moments(parts):
@@ -189,12 +196,14 @@ class Capturing:
     Each layer's `call` is wrapped for the duration (an instance attribute; a
     `call` the instance already had is put back on exit) to append its input
     to `seen` inside `recording(layers)`; within a compiled function that
-    happens as it is traced.
+    happens as it is traced. `order`, when set to a list, gets each layer
+    the first time it runs.
     """
 
     def __init__(self, layers):
         self.layers = list({id(layer): layer for layer in layers}.values())
         self.seen = None
+        self.order = None
         self._own = {}
 
     def __enter__(self):
@@ -213,6 +222,8 @@ class Capturing:
 
     def _wrap(self, layer, call):
         def recording_call(inputs, *args, **kwargs):
+            if self.order is not None and not any(each is layer for each in self.order):
+                self.order.append(layer)
             if self.seen is not None and id(layer) in self.seen:
                 self.seen[id(layer)].append(inputs)
             return call(inputs, *args, **kwargs)

@@ -105,7 +105,7 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
         )
     graph = graph_module.walk(model)
     plan, inserted = _plan(graph, options, batch_norm)
-    result = rewrite.apply(model, plan)
+    result = rewrite.apply(model, plan, graph.flat)
     if data is not None:
         _keep_predictions(result, inserted, data_module.batches_of(data, batch_size, steps))
     return result

@@ -43,15 +43,25 @@ def _x_of(batch):
     return batch
 
 
-def model_inputs(model, x):
+def model_inputs(model, x, flat=None):
     """A batch as the tensors of `flat.inputs`, as a functional model reads its inputs.
 
     As `keras.Model` does: a dict is matched by input names, arrays are
     converted to each input's dtype, and a missing or extra trailing axis of
-    size 1 is added or dropped.
+    size 1 is added or dropped. A subclassed model takes the batch as it
+    comes: whole, or as its leaves where it traced (`flat.traced`).
     """
     if not (isinstance(model, keras.Sequential) or graph_module.is_functional(model)):
-        return [keras.tree.map_structure(keras.ops.convert_to_tensor, x)]  # a subclassed model: as it comes
+        tensors = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
+        if flat is not None and flat.traced:
+            leaves = keras.tree.flatten(tensors)
+            if len(leaves) != len(flat.inputs):
+                raise ValueError(
+                    f"{type(model).__name__} '{model.name}' was built on {len(flat.inputs)} input tensor(s), "
+                    f"but a batch of the data holds {len(leaves)}. Received: a batch of type {type(x).__name__}"
+                )
+            return leaves
+        return [tensors]
     references = list(model.inputs)
     if isinstance(x, dict) and not isinstance(model.input, dict):
         missing = [tensor.name for tensor in references if tensor.name not in x]

@@ -186,10 +186,7 @@ def _decide(graph):
     for layer in graph.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
             for hidden in graph.hidden_batch_norms(layer):
-                reason = (
-                    f"it is inside {rules.describe(layer)}, a subclassed layer whose "
-                    "call() bnseq cannot see"
-                )
+                reason = f"it is inside {rules.describe(layer)}, and {graph.why_opaque(layer)}"
                 decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason)))
             continue
         producer = graph.sole_producer(layer)
@@ -206,6 +203,8 @@ def _decide(graph):
                 ),
             )
         )
+    for layer in graph.uncalled:
+        decisions.append((layer, None, FoldDecision(layer.name, None, False, "it is never called")))
     return decisions
 
 
@@ -385,7 +384,7 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
                 folded_weights(producer, bn)
             )
         )
-    return rewrite.apply(model, plan), report
+    return rewrite.apply(model, plan, graph.flat), report
 
 
 def _plain_sequential(model, tensor, layers, unit_sizes):
@@ -394,15 +393,22 @@ def _plain_sequential(model, tensor, layers, unit_sizes):
 
 
 def _folded_layer(producer, activation):
-    """A new layer like `producer`, with a bias and, merged, `activation`'s function."""
+    """A new layer like `producer`, with a bias and, merged, `activation`'s function.
+
+    The activation is carried as the function object, not through its
+    config: a lambda (as keras-hub's MobileNetV5 uses for exact GELU) does not
+    deserialize in safe mode.
+    """
     config = producer.get_config()
     config["use_bias"] = True
     if activation is not None:
-        activation_config = activation.get_config()
-        config["activation"] = activation_config["activation"]
+        config["activation"] = "linear"
         if activation.activity_regularizer is not None:
-            config["activity_regularizer"] = activation_config["activity_regularizer"]
-    return producer.__class__.from_config(config)
+            config["activity_regularizer"] = activation.get_config()["activity_regularizer"]
+    layer = producer.__class__.from_config(config)
+    if activation is not None:
+        layer.activation = activation.activation
+    return layer
 
 
 def _activation_after(graph, bn):

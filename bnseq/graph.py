@@ -4,11 +4,14 @@
 built from inputs and outputs, or a subclass built that way, as every keras-hub
 Backbone is), with models nested in models flattened away, into a `Graph` of
 its leaf operations (layers, and the `keras.ops` calls of a functional model)
-and the producer -> consumer edges between them. `lint`, `fold_report`, `fold`
-and `batch_normalize` all read models through it.
+and the producer -> consumer edges between them. Subclassed layers and models
+(keras-hub blocks, a user's `keras.Model` wired in `call()`) are traced into
+graphs of their own (`trace.py`) and inlined in their place; one that does not
+trace stays a leaf, with the reason kept. `lint`, `fold_report`, `fold`,
+`batch_normalize`, `recalibrate` and `export` all read models through it.
 
 A functional model's calls are read from the graph Keras keeps for it (see
-`_calls`), not from `get_config()`: a functional subclass's config holds its
+`calls_of`), not from `get_config()`: a functional subclass's config holds its
 constructor's arguments instead of its layers, and a custom layer without
 `get_config` makes the whole config fail, while the graph is always there.
 """
@@ -17,6 +20,8 @@ import collections
 import dataclasses
 
 import keras
+
+from bnseq import trace as trace_module
 
 
 @dataclasses.dataclass
@@ -27,6 +32,11 @@ class Graph:
         layers: list. Every leaf operation once, producers before consumers.
         outputs: list. The leaf operations that produce the model's outputs.
         parents: dict. `id(layer)` -> the model that holds the layer directly.
+        opaque: dict. `id(layer)` -> why a subclassed layer could not be
+            traced (see `Flat.opaque`).
+        uncalled: list. BatchNormalization layers that traced layers hold
+            but never call.
+        flat: `Flat`. The calls the graph was read from.
     """
 
     layers: list
@@ -34,6 +44,9 @@ class Graph:
     parents: dict
     _producers: dict
     _consumers: dict
+    opaque: dict = dataclasses.field(default_factory=dict)
+    uncalled: list = dataclasses.field(default_factory=list)
+    flat: object = None
 
     def producers(self, layer):
         """The leaf operations whose outputs `layer` takes (model inputs left out)."""
@@ -51,6 +64,15 @@ class Graph:
     def hidden_batch_norms(self, layer):
         """BatchNormalization layers inside a leaf that no walk can see into (see `hidden_batch_norms`)."""
         return hidden_batch_norms(layer)
+
+    def why_opaque(self, layer):
+        """Why a leaf holding BatchNormalization layers could not be seen into, in one line."""
+        reason = self.opaque.get(id(layer))
+        if reason:
+            return f"it could not be traced: {reason}"
+        if type(layer).__module__.startswith("keras."):
+            return "it is a Keras layer whose call() bnseq does not trace"
+        return "its call() has no graph"
 
     def feeds_only(self, producer, consumer):
         """Whether `consumer` is the only user of `producer`'s output.
@@ -107,6 +129,9 @@ def walk(model):
         parents=parents,
         _producers=producers,
         _consumers=consumers,
+        opaque=flat.opaque,
+        uncalled=flat.uncalled,
+        flat=flat,
     )
 
 
@@ -114,12 +139,17 @@ class Ref:
     """One tensor of a flattened model: a model input or one output of a call.
 
     Compared by identity; `name` is only for reading.
+
+    Attributes:
+        name: str.
+        spec: `keras.KerasTensor` or `None`. Its shape and dtype, where known
+            (what tracing a subclassed layer called on it needs).
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "spec")
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, name, spec=None):
+        self.name, self.spec = name, spec
 
     def __repr__(self):
         return f"Ref({self.name!r})"
@@ -131,7 +161,8 @@ class Call:
 
     Attributes:
         operation: the leaf (a layer, or a `keras.ops` operation).
-        parent: `keras.Model`. The model that holds the call directly.
+        parent: `keras.Model`. The model that holds the call directly (for
+            a call inside a traced layer, the model that holds that layer).
         args: tuple. The positional arguments, with a `Ref` for each tensor.
         kwargs: dict. The keyword arguments, likewise.
         inputs: tuple of `Ref`. The tensors the call reads.
@@ -152,23 +183,40 @@ class Flat:
     """A model with the models nested in it flattened away: its leaf calls in order.
 
     A model nested twice (a siamese tower) gives two calls of each of its
-    layers, reading and writing different `Ref`s.
+    layers, reading and writing different `Ref`s. A subclassed layer or
+    model that traces (`trace.py`) is replaced by the calls of its trace.
 
     Attributes:
         inputs: list of `Ref`. One per tensor of `model.inputs`; a single one
-            for a subclassed model, for its whole input.
+            for a subclassed model that does not trace, for its whole input.
         calls: list of `Call`, producers before consumers.
         outputs: list of `Ref`. The model's outputs, flattened.
+        input_structure: the model's input as it is structured (a `Ref`, or
+            a list or dict of them).
+        output_structure: the model's output, likewise.
+        opaque: dict. `id(layer)` -> why a subclassed layer (or model) that
+            holds BatchNormalization or linear layers could not be traced.
+        traced: bool. Whether any call was inlined from a trace.
+        uncalled: list. BatchNormalization layers held by traced layers
+            that their `call()` never calls.
     """
 
     inputs: list
     calls: list
     outputs: list
+    input_structure: object = None
+    output_structure: object = None
+    opaque: dict = dataclasses.field(default_factory=dict)
+    traced: bool = False
+    uncalled: list = dataclasses.field(default_factory=list)
 
     def batch_norms(self):
-        """Every BatchNormalization called, once each, in call order.
+        """Every BatchNormalization, once each: the called ones in call order.
 
-        Those hidden in a subclassed layer come just before that layer.
+        Those hidden in a subclassed layer that did not trace come just
+        before that layer (in the order the layer created them: the order
+        they run in is only known by running it), and those never called
+        come last.
         """
         found = {}
         for call in self.calls:
@@ -176,18 +224,111 @@ class Flat:
                 found.setdefault(id(layer), layer)
             if isinstance(call.operation, keras.layers.BatchNormalization):
                 found.setdefault(id(call.operation), call.operation)
+        for layer in self.uncalled:
+            found.setdefault(id(layer), layer)
         return list(found.values())
 
 
 def flatten(model):
     """Read `model` into a `Flat` list of leaf calls (see `walk` for the models read)."""
     flattener = _Flattener()
-    if isinstance(model, keras.Sequential) or not is_functional(model):
-        inputs = [Ref("input")]
+    if isinstance(model, keras.Sequential):
+        spec = _sequential_input(model)
+        inputs = [Ref("input", spec)]
+        structure = inputs[0]
+        outputs = flattener.model(model, inputs, parent=None)
+    elif is_functional(model):
+        inputs = [Ref(tensor.name, tensor) for tensor in model.inputs]
+        structure = keras.tree.pack_sequence_as(model.input, inputs)
+        outputs = flattener.model(model, inputs, parent=None)
+    else:  # a subclassed model: traced from the shapes it was built with, or one opaque leaf
+        specs = _built_input(model)
+        if specs is None:
+            inputs = [Ref("input")]
+            structure = inputs[0]
+        else:
+            leaves = keras.tree.flatten(specs)
+            inputs = [Ref(f"input_{index}" if len(leaves) > 1 else "input", spec) for index, spec in enumerate(leaves)]
+            structure = keras.tree.pack_sequence_as(specs, inputs)
+        outputs = flattener.call(model, (structure,), {}, inputs, parent=None)
+    if id(model) in flattener.traces:
+        output_structure = keras.tree.pack_sequence_as(flattener.traces[id(model)].model.output, list(outputs))
     else:
-        inputs = [Ref(tensor.name) for tensor in model.inputs]
-    outputs = flattener.model(model, inputs, parent=None, args=(inputs[0],) if len(inputs) == 1 else (inputs,))
-    return Flat(inputs=inputs, calls=flattener.calls, outputs=outputs)
+        output_structure = _packed(model, outputs)
+    flat = Flat(
+        inputs=inputs,
+        calls=flattener.calls,
+        outputs=list(outputs),
+        input_structure=structure,
+        output_structure=output_structure,
+        opaque=flattener.opaque,
+        traced=flattener.traced,
+    )
+    flat.uncalled = _uncalled(model, flat)
+    return flat
+
+
+def _packed(model, outputs):
+    """The output `Ref`s as `model`'s output is structured (a list when unknown)."""
+    if is_functional(model):
+        try:
+            return keras.tree.pack_sequence_as(model.output, list(outputs))
+        except (ValueError, TypeError):
+            pass
+    return outputs[0] if len(outputs) == 1 else list(outputs)
+
+
+def _uncalled(model, flat):
+    """BatchNormalization layers of `model` that no call of `flat` runs or may run."""
+    seen = set()
+    for call in flat.calls:
+        seen.add(id(call.operation))
+        seen.update(id(each) for each in hidden_batch_norms(call.operation))
+    if not flat.traced:
+        return []
+    return [
+        layer
+        for layer in inner_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in seen
+    ]
+
+
+def _sequential_input(model):
+    """The input spec of a built Sequential model, or `None`."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    return inputs[0] if inputs else None
+
+
+def _built_input(model):
+    """`keras.KerasTensor` specs of what a subclassed model was built with, or `None`.
+
+    From `get_build_config()` (public Keras): the input shapes of the first
+    call, structured as that call's input; the batch size is left open and
+    the dtype is the model's input dtype.
+    """
+    try:
+        config = model.get_build_config() or {}
+    except Exception:  # a model overriding it oddly: no shapes
+        return None
+    shapes = config.get("input_shape")
+    if shapes is None:
+        return None
+
+    def is_shape(value):
+        return isinstance(value, (tuple, list)) and all(each is None or isinstance(each, int) for each in value)
+
+    def spec(shape):
+        return keras.KerasTensor((None, *tuple(shape)[1:]), dtype=model.input_dtype)
+
+    if is_shape(shapes):
+        return spec(shapes)
+    try:
+        return keras.tree.map_shape_structure(spec, shapes)
+    except (ValueError, TypeError):
+        return None
 
 
 def is_functional(model):
@@ -224,7 +365,7 @@ def inner_layers(layer):
     return list(layer._flatten_layers(include_self=False))
 
 
-def _calls(model):
+def calls_of(model):
     """The layer calls of a functional model, producers before consumers.
 
     Yields `(operation, arguments, input tensors, output tensors)` for each
@@ -248,42 +389,92 @@ def _calls(model):
 class _Flattener:
     def __init__(self):
         self.calls = []
+        self.opaque = {}  # id(layer) -> why it did not trace
+        self.traces = {}  # id(layer) -> its Trace, for layers that traced
+        self.traced = False
 
-    def call(self, operation, args, kwargs, sources, parent, count=1):
-        """Record `operation` called on `sources`; the `Ref`s of what it returns."""
+    def call(self, operation, args, kwargs, sources, parent, outputs=None, single=False):
+        """Record `operation` called on `sources`; the `Ref`s of what it returns.
+
+        `outputs`: the output tensors Keras recorded for the call (their
+        specs), where known. `single`: the call is a layer of a Sequential
+        model, whose one output `Ref` stands for all it returns.
+        """
         if isinstance(operation, keras.Model) and (isinstance(operation, keras.Sequential) or is_functional(operation)):
-            return self.model(operation, sources, parent, args)
-        outputs = tuple(Ref(f"{operation.name}:{index}") for index in range(max(count, 1)))
-        self.calls.append(Call(operation, parent, args, kwargs, tuple(sources), outputs))
-        return outputs
+            return self.model(operation, sources, parent)
+        if trace_module.should_trace(operation):
+            traced = self._trace(operation, args, kwargs)
+            if traced is not None and single and len(traced.model.outputs) != 1:
+                self.opaque.setdefault(id(operation), "it returns several tensors inside a Sequential model")
+                traced = None
+            if traced is not None:
+                self.traces[id(operation)] = traced
+                self.traced = True
+                refs = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, Ref)]
+                return self.model(traced.model, refs, parent, inline=True)
+        specs = list(outputs) if outputs else [_output_spec(operation, args, kwargs)]
+        results = tuple(Ref(f"{operation.name}:{index}", spec) for index, spec in enumerate(specs))
+        self.calls.append(Call(operation, parent, args, kwargs, tuple(sources), results))
+        return results
 
-    def model(self, model, sources, parent, args):
-        """Flatten one model fed by `sources`; the `Ref`s of its outputs."""
+    def _trace(self, operation, args, kwargs):
+        """The `Trace` of this call, or `None` (with the reason kept) when it does not trace."""
+        refs = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, Ref)]
+        if not refs or any(ref.spec is None for ref in refs):
+            self.opaque.setdefault(id(operation), "the shapes of its inputs are not known")
+            return None
+        specs = keras.tree.map_structure(lambda value: value.spec if isinstance(value, Ref) else value, (args, kwargs))
+        traced = trace_module.trace(operation, *specs)
+        if not traced.ok:
+            self.opaque.setdefault(id(operation), traced.reason)
+            return None
+        return traced
+
+    def model(self, model, sources, parent, inline=False):
+        """Flatten one model fed by `sources`; the `Ref`s of its outputs.
+
+        `inline`: `model` is the trace of a layer of `parent`, whose calls
+        then belong to `parent`.
+        """
         if isinstance(model, keras.Sequential):
             ref = sources[0] if sources else Ref(f"{model.name}:input")
             for layer in model.layers:
-                (ref,) = self.call(layer, (ref,), {}, [ref], parent=model)
+                (ref,) = self.call(layer, (ref,), {}, [ref], parent=model, single=True)
             return [ref]
-        if not is_functional(model):  # a subclassed model at the top: one opaque leaf
-            return list(self.call(model, args, {}, sources, parent))
         behind = {id(tensor): source for tensor, source in zip(model.inputs, sources)}
 
         def ref_of(value):
             if isinstance(value, keras.KerasTensor):
                 if id(value) not in behind:  # an input the caller did not feed
-                    behind[id(value)] = Ref(value.name)
+                    behind[id(value)] = Ref(value.name, value)
                 return behind[id(value)]
             return value
 
-        for operation, (call_args, call_kwargs), inputs, outputs in _calls(model):
+        # A traced layer's calls belong to the model that holds the layer: they are inlined there.
+        holder = parent if inline else model
+        for operation, (call_args, call_kwargs), inputs, outputs in calls_of(model):
             results = self.call(
                 operation,
                 keras.tree.map_structure(ref_of, call_args),
                 keras.tree.map_structure(ref_of, call_kwargs),
                 [ref_of(tensor) for tensor in inputs],
-                parent=model,
-                count=len(outputs),
+                parent=holder,
+                outputs=outputs,
             )
             for index, tensor in enumerate(outputs):
                 behind[id(tensor)] = results[min(index, len(results) - 1)]
         return [ref_of(tensor) for tensor in keras.tree.flatten(model.outputs)]
+
+
+def _output_spec(operation, args, kwargs):
+    """The spec of what `operation` returns on these arguments, or `None` if unknown."""
+    specs = keras.tree.map_structure(lambda value: value.spec if isinstance(value, Ref) else value, (args, kwargs))
+    if any(value is None for value in keras.tree.flatten(specs)) and any(
+        isinstance(value, Ref) and value.spec is None for value in keras.tree.flatten((args, kwargs))
+    ):
+        return None
+    try:
+        spec = operation.compute_output_spec(*specs[0], **specs[1])
+    except Exception:  # a layer that cannot say: unknown
+        return None
+    return spec if isinstance(spec, keras.KerasTensor) else None

@@ -37,8 +37,10 @@ already normalizes, into a model that normalizes for it)::
     layers.BatchNormalization()             # BN004: keep one
 
 `BN000`, a part of the model lint cannot see into: a subclassed layer or
-model (its `call()` has no graph) that holds BatchNormalization layers. Their
-placement is not judged, and lint says so rather than passing them silently.
+model that holds BatchNormalization layers and could not be traced (see
+`bnseq/trace.py`; the message says why). Their placement is not judged, and
+lint says so rather than passing them silently. Subclassed layers that trace
+(most keras-hub blocks) are read like any functional model.
 
 A BatchNormalization fed by anything else (a merge, a pooling layer, a model
 input, several layers) is not a finding.
@@ -124,8 +126,8 @@ def lint(model_or_path, *, safe_mode=True):
                     layer.name,
                     f"cannot inspect {rules.describe(layer)}: subclassed {kind} with "
                     f"{len(hidden)} BatchNormalization layer{'s' if len(hidden) > 1 else ''} "
-                    f"({', '.join(repr(each.name) for each in hidden)}), whose call() has no "
-                    "graph to read; their placement is not checked.",
+                    f"({', '.join(repr(each.name) for each in hidden)}), and {graph.why_opaque(layer)}; "
+                    "their placement is not checked.",
                     None,
                 )
             )

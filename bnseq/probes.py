@@ -57,10 +57,12 @@ def channels_first_runs():
 
 
 def has_channels_first_layers(layer):
-    """Whether `layer`, or any layer of a model, nested ones included, is channels_first."""
-    if getattr(layer, "data_format", None) == "channels_first":
-        return True
-    return any(has_channels_first_layers(each) for each in getattr(layer, "layers", ()))
+    """Whether `layer`, or any layer inside it (nested models and subclassed layers too), is channels_first.
+
+    Reads `Layer._flatten_layers`, private Keras API (see `graph.inner_layers`).
+    """
+    layers = [layer, *layer._flatten_layers(include_self=False)] if isinstance(layer, keras.Layer) else [layer]
+    return any(getattr(each, "data_format", None) == "channels_first" for each in layers)
 
 
 def needs_xla(model):

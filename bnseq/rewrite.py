@@ -14,7 +14,11 @@ and a custom layer its registration, and would lose its weights. So the new
 model shares those layers (and their weights) with the original, as two
 functional models built on one layer do. Nested models are always rebuilt,
 by the plan's `sequential` for Sequential ones and as plain functional models
-otherwise, so that no bnseq class survives in a folded model.
+otherwise, so that no bnseq class survives in a folded model. A model in which
+any subclassed layer traced (`trace.py`), or a subclassed model that traced
+itself, is rebuilt as one plain functional model with every trace inlined:
+the classes of the traced layers (keras-hub blocks, say) are gone from the
+result, which holds their sublayers and `keras.ops` calls.
 """
 
 import dataclasses
@@ -300,34 +304,115 @@ class Plan:
     finish: list = dataclasses.field(default_factory=list)
 
 
-def apply(model, plan):
+def apply(model, plan, flat=None):
     """Rebuild `model` as `plan` says; the original is not changed.
+
+    Args:
+        model: `keras.Model`.
+        plan: `Plan`.
+        flat: `graph.Flat`, optional. The model as read; when any of its
+            subclassed layers (or the model itself) traced, the result is one
+            functional model with the traces inlined (`_rebuild_flat`).
 
     Returns:
         A Sequential model (from `plan.sequential`) for a Sequential model; a
         plain functional `keras.Model` with the same inputs and outputs for
-        a functional one, a functional subclass included.
+        a functional one, a functional subclass included, and for any model
+        holding traced layers.
 
     Raises:
-        TypeError: for a subclassed model, which has no graph to rebuild.
+        TypeError: for a subclassed model that does not trace.
+        ValueError: when the inlined model would hold two layers of one name.
     """
-    result = _rebuild(model, plan)
+    if flat is not None and flat.traced:
+        result = _rebuild_flat(model, flat, plan)
+    else:
+        result = _rebuild(model, plan, flat)
     for step in plan.finish:
         step()
     return result
 
 
-def _rebuild(model, plan):
+def _rebuild(model, plan, flat=None):
     if isinstance(model, keras.Sequential):
         return _rebuild_sequential(model, plan)
     if graph.is_functional(model):
         return _rebuild_functional(model, plan)
+    reason = (flat.opaque.get(id(model)) if flat is not None else None) or "it holds no layer bnseq rewrites"
     raise TypeError(
-        f"{plan.what} reads Sequential and functional models; "
-        f"{type(model).__name__} '{model.name}' is a subclassed model, whose "
-        "graph Keras cannot show. Rewrite its layers where it builds them, "
-        "with bnseq.Sequential(batch_norm=True)."
+        f"{plan.what} could not read {type(model).__name__} '{model.name}', a subclassed model: "
+        f"{reason}. Rewrite its layers where it builds them, with "
+        "bnseq.Sequential(batch_norm=True), or build it as a functional model."
     )
+
+
+def _rebuild_flat(model, flat, plan):
+    """One functional model that makes `flat`'s calls, as `plan` says.
+
+    Every traced layer, nested model and the model itself are inlined: the
+    result holds the leaf layers and `keras.ops` calls only, so it saves to
+    `.keras` as any functional model does (Keras serializes `keras.ops`
+    nodes) and loads where the classes of the traced layers are unknown.
+    """
+    values = {}
+    for ref in flat.inputs:
+        spec = ref.spec
+        values[ref] = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, sparse=spec.sparse, name=ref.name)
+
+    def value_of(item):
+        return values[item] if isinstance(item, graph.Ref) else item
+
+    names = {}
+    for call in flat.calls:
+        operation = call.operation
+        args = keras.tree.map_structure(value_of, call.args)
+        kwargs = keras.tree.map_structure(value_of, call.kwargs)
+        if id(operation) in plan.drop or _unsavable_identity(operation):
+            values[call.outputs[0]] = args[0]
+            continue
+        chain = plan.replace.get(id(operation), [operation])
+        for layer in chain:
+            if isinstance(layer, keras.Layer):
+                names.setdefault(layer.name, {})[id(layer)] = layer
+        outputs = chain[0](*args, **kwargs)
+        for following in chain[1:]:
+            outputs = following(outputs)
+        leaves = keras.tree.flatten(outputs)
+        if len(leaves) == len(call.outputs):
+            values.update(zip(call.outputs, leaves))
+        else:
+            values[call.outputs[0]] = outputs
+    clashes = sorted(name for name, layers in names.items() if len(layers) > 1)
+    if clashes:
+        raise ValueError(
+            f"{plan.what} inlines the traced layers of {type(model).__name__} '{model.name}' into one "
+            f"functional model, where two layers would share the name(s) {clashes}. Give the layers "
+            "inside your subclassed layers unique names (for example prefixed by the block's name)."
+        )
+    return keras.Model(
+        keras.tree.map_structure(value_of, flat.input_structure),
+        keras.tree.map_structure(value_of, flat.output_structure),
+        name=model.name,
+        trainable=model.trainable,
+    )
+
+
+def _unsavable_identity(operation):
+    """Whether `operation` is an `Identity` layer that Keras cannot save.
+
+    Keras 3.15's `Identity` has no `get_config` of its own, and the automatic
+    one raises `NotImplementedError` when it was given a `DTypePolicy` object
+    as `dtype`, as keras-hub's blocks do (HGNetV2, D-FINE). Inside a block
+    that was never saved on its own; inlined, it would make the whole model
+    unsavable. It computes nothing, so the rebuild passes its input through.
+    """
+    if type(operation) is not keras.layers.Identity:
+        return False
+    try:
+        operation.get_config()
+    except NotImplementedError:
+        return True
+    return False
 
 
 def _rebuild_sequential(model, plan):

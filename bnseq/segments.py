@@ -126,20 +126,43 @@ def measure(
             other layers) as input, which no statistics can be exact for.
     """
     limit = _cache_limit(cache_limit)
-    plan = _plan_for(model, flat or graph_module.flatten(model), batch_norms, chained)
-    values = [data.model_inputs(model, x) for x in batches]
+    flat = flat or graph_module.flatten(model)
+    order = _run_order(model, flat, batches, batch_norms)
+    plan = _plan_for(model, flat, batch_norms, chained, order)
+    values = [data.model_inputs(model, x, flat) for x in batches]
     stats = {id(layer): Pooled() for layer in batch_norms}
     levels = [level for level in range(1, plan.levels + 1) if plan.targets.get(level) or plan.probes.get(level)]
     if progress is not None:
         progress.target = len(levels) * len(batches)
     with compiled.Capturing(plan.hidden) as capture:
         run = _Run(plan, capture, stats, limit, len(batches))
+        run.work += plan.needed if order is not None else 0  # the call that showed the order
         run.start(values)
         for level in levels:  # a level with nothing to measure is computed with the next one
             run.step(level - 1, progress)
             if on_level is not None:
                 on_level(plan.by_level.get(level, []), stats)
     return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak)
+
+
+def _run_order(model, flat, batches, batch_norms):
+    """The BatchNormalization layers hidden in untraced layers, in the order a real call runs them.
+
+    Such a layer's `call()` is unknown code: the order in which it runs the
+    BatchNormalization layers it holds is seen by running it, once, on the
+    first batch in inference (a layer never run there is left out, and
+    keeps its statistics). `None` when no measured layer is hidden.
+    """
+    wanted = {id(layer) for layer in batch_norms}
+    hidden = [
+        layer for call in flat.calls for layer in graph_module.hidden_batch_norms(call.operation) if id(layer) in wanted
+    ]
+    if not hidden:
+        return None
+    with compiled.Capturing(hidden) as capture:
+        capture.order = []
+        probes.infer(model, batches[0])
+    return capture.order
 
 
 # Levels and steps -------------------------------------------------------------
@@ -166,32 +189,36 @@ class _Plan:
 _PLANS = weakref.WeakKeyDictionary()  # model -> {key: _Plan}; a plan holds no reference to its model
 
 
-def _plan_for(model, flat, batch_norms, chained):
+def _plan_for(model, flat, batch_norms, chained, order=None):
     jit_compile = probes.needs_xla(model)
     key = (
         tuple((id(call.operation), len(call.inputs), len(call.outputs)) for call in flat.calls),
         tuple(id(layer) for layer in batch_norms),
         chained,
         jit_compile,
+        tuple(id(layer) for layer in order or ()),
     )
     opaque = any(call.operation is model for call in flat.calls)  # a subclassed model: its own leaf
     plans = None if opaque else _PLANS.setdefault(model, {})
     if plans is not None and key in plans:
         return plans[key]
-    plan = _make_plan(flat, batch_norms, chained, jit_compile)
+    plan = _make_plan(flat, batch_norms, chained, jit_compile, order)
     if plans is not None:
         plans.clear()  # one plan per model: an old one is for a model that has changed since
         plans[key] = plan
     return plan
 
 
-def _make_plan(flat, batch_norms, chained, jit_compile):
+def _make_plan(flat, batch_norms, chained, jit_compile, order=None):
     # A cached plan must not keep its model alive: its calls forget their parents.
     flat = dataclasses.replace(flat, calls=[dataclasses.replace(call, parent=None) for call in flat.calls])
     wanted = {id(layer) for layer in batch_norms}
-    hidden_in = {}  # id(Call) -> the measured layers hidden inside its operation, in order
+    position = {id(layer): index for index, layer in enumerate(order or ())}
+    hidden_in = {}  # id(Call) -> the measured layers hidden inside its operation, in the order they run
     for call in flat.calls:
         inner = [each for each in graph_module.hidden_batch_norms(call.operation) if id(each) in wanted]
+        if order is not None:
+            inner = sorted((each for each in inner if id(each) in position), key=lambda each: position[id(each)])
         if inner:
             hidden_in[id(call)] = inner
     level_of_layer, call_level = _levels(flat, wanted, hidden_in, chained)

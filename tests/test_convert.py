@@ -163,5 +163,6 @@ def test_error_subclassed_model():
         def call(self, x):
             return x
 
-    with pytest.raises(TypeError, match=re.escape("Net 'net' is a subclassed model")):
+    message = "batch_normalize could not read Net 'net', a subclassed model: it holds no layer bnseq rewrites."
+    with pytest.raises(TypeError, match=re.escape(message)):
         bnseq.batch_normalize(Net())

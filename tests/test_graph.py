@@ -80,7 +80,7 @@ def test_shared_layer_has_every_producer():
     assert names(g.consumers(shared)) == ["first"]
 
 
-def test_subclassed_model_is_one_leaf():
+def test_subclassed_model_is_traced_into_its_layers():
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
@@ -92,12 +92,29 @@ def test_subclassed_model_is_one_leaf():
     net = Net()
     model = keras.Sequential([keras.Input((3,)), layers.Dense(3, name="d"), net])
     g = graph.walk(model)
+    assert g.layers == [model.layers[0], net.dense]
+    assert g.sole_producer(net.dense) is model.layers[0]
+
+
+def test_subclassed_layer_that_does_not_trace_is_one_leaf():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x) + keras.random.normal((2,)) * 0.0  # a tensor outside the graph
+
+    net = Net()
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(3, name="d"), net])
+    g = graph.walk(model)
     assert g.layers == [model.layers[0], net]
     assert g.sole_producer(net) is model.layers[0]
+    assert g.opaque[id(net)].startswith("its call() passes a tensor computed outside the graph")
 
 
 def test_keras_graph_state_the_walker_reads():
-    """Fails loudly if Keras changes the private graph state `graph._calls` reads."""
+    """Fails loudly if Keras changes the private graph state `graph.calls_of` reads."""
     inputs = keras.Input((3,))
     dense = layers.Dense(2, name="d")
     model = keras.Model(inputs, dense(inputs))

@@ -1,0 +1,345 @@
+"""Subclassed layers and models as functional graphs, by calling their `call()` on symbolic tensors.
+
+A subclassed layer (a keras-hub block, a user's residual block) has no graph:
+Keras records a call of it as one node. But Keras records every *layer call*
+and every `keras.ops` call made on symbolic tensors, so calling the layer's
+own `call()` method (not the layer, whose `__call__` would compute only an
+output shape) on `keras.Input` tensors of the shapes it was called with
+leaves a graph of its sublayers and ops behind: exactly a functional model.
+PyTorch's FX tracer does the same for `nn.Module` code. `graph.flatten`
+inlines each trace in place of the layer's call, recursively (a traced block
+may call further subclassed blocks), so everything that reads models reads
+the real dataflow in call order.
+
+A trace is only used when it is sure to compute what the layer computes;
+otherwise the layer stays one opaque leaf and `Trace.reason` says why, in one
+line. The trace fails when the layer's `call()`:
+
+- raises on symbolic tensors (Python control flow on tensor values, a
+  backend function such as `tf.nn.relu` on a Keras tensor, `call()` creating
+  variables);
+- takes a different path with `training=True` than in inference (its Python
+  code branches on `training`; the two traces are compared);
+- reads a weight or a tensor of its own directly instead of through a layer
+  (it would be a constant of the graph, unsaved and untracked), or returns
+  something not computed from its inputs (randomness drawn eagerly);
+- receives a Keras mask (a mask travels beside the graph, not in it);
+- computes, on a random input in inference, something other than the layer
+  itself (the last check, against anything the others miss).
+
+Tracing leaves the layers as they were: the nodes Keras appends to each
+sublayer while tracing are removed again (see `_nodes_restored`).
+
+Traces are kept per layer (weakly) and per input shapes, so that reading a
+model twice gives the same graph objects (and `recalibrate` compiles nothing
+the second time). Like a compiled `predict`, a trace holds what the layer's
+Python code read when it was traced.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import weakref
+
+import keras
+import numpy as np
+
+from bnseq import notices
+from bnseq import probes
+
+# Relative difference between a trace and the layer on a random input above which
+# the trace is not used: float32 reassociation in XLA or oneDNN stays far below it.
+TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(eq=False)
+class Trace:
+    """A layer's `call()` as a functional model, or why it could not be one.
+
+    Attributes:
+        layer: `keras.Layer`. The layer traced.
+        model: `keras.Model` or `None`. A functional model of the layer's
+            sublayers and ops, with one input per tensor of the call (in the
+            order of `keras.tree.flatten((args, kwargs))`) and the call's
+            output structure; `None` when the trace failed.
+        reason: str. Why the layer could not be traced, in one line; empty
+            when it was.
+    """
+
+    layer: object
+    model: object
+    reason: str
+
+    @property
+    def ok(self):
+        return self.model is not None
+
+
+_TRACES = weakref.WeakKeyDictionary()  # layer -> {key: Trace}
+
+
+def should_trace(layer):
+    """Whether `layer` is a subclassed layer or model worth looking into.
+
+    That is a layer (not a Sequential or functional model, which have
+    graphs, and not one of Keras's own layers) holding a BatchNormalization
+    or a layer bnseq rewrites.
+    """
+    from bnseq import graph as graph_module
+    from bnseq import rules
+
+    if not isinstance(layer, keras.Layer) or type(layer).__module__.startswith("keras."):
+        return False
+    if isinstance(layer, keras.Sequential) or graph_module.is_functional(layer):
+        return False
+    return any(
+        isinstance(each, keras.layers.BatchNormalization) or rules.is_linear(each)
+        for each in graph_module.inner_layers(layer)
+    )
+
+
+def trace(layer, args, kwargs):
+    """Trace one call of `layer`.
+
+    Args:
+        layer: `keras.Layer`. A subclassed layer or model, built.
+        args: tuple. The call's positional arguments, with a `KerasTensor`
+            (of the shape and dtype the call had) for each tensor.
+        kwargs: dict. The keyword arguments, likewise.
+
+    Returns:
+        `Trace`.
+
+    Example:
+
+    >>> class Block(keras.Layer):
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.dense = keras.layers.Dense(3, use_bias=False)
+    ...         self.bn = keras.layers.BatchNormalization()
+    ...     def call(self, x):
+    ...         return keras.ops.relu(self.bn(self.dense(x)))
+    >>> block = Block()
+    >>> _ = block(np.ones((2, 4), "float32"))
+    >>> result = trace(block, (keras.KerasTensor((None, 4)),), {})
+    >>> [type(op).__name__ for op in result.model.operations]
+    ['InputLayer', 'Dense', 'BatchNormalization', 'Relu']
+    """
+    key = _key(args, kwargs)
+    traces = _TRACES.setdefault(layer, {})
+    if key not in traces:
+        traces[key] = _trace(layer, args, kwargs)
+    return traces[key]
+
+
+def _key(args, kwargs):
+    def part(value):
+        if isinstance(value, keras.KerasTensor):
+            return ("tensor", tuple(value.shape), value.dtype)
+        return repr(value)
+
+    return repr(keras.tree.map_structure(part, (args, kwargs)))
+
+
+def _trace(layer, args, kwargs):
+    from bnseq import graph as graph_module
+
+    leaves = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, keras.KerasTensor)]
+    if any(getattr(leaf, "_keras_mask", None) is not None for leaf in leaves):
+        return Trace(layer, None, "its input carries a Keras mask, which travels beside a graph, not in it")
+    if not layer.built:
+        return Trace(layer, None, "it is not built")
+    parameters = _parameters(layer)
+    if kwargs.get("training", False) is None:  # passed on as it came (a block forwarding its own)
+        kwargs = {key: value for key, value in kwargs.items() if key != "training"}
+    try:
+        known = {id(each) for each in graph_module.inner_layers(layer)}
+        model = _traced_model(layer, args, kwargs, training=None)
+        if "training" in parameters and "training" not in kwargs:
+            other = _traced_model(layer, args, kwargs, training=True)
+            if _signature(other, known) != _signature(model, known):
+                return Trace(layer, None, "its call() takes a different path when training than in inference")
+    except _Untraceable as error:
+        return Trace(layer, None, str(error))
+    reason = _differs(layer, args, kwargs, model)
+    if reason:
+        return Trace(layer, None, reason)
+    return Trace(layer, model, "")
+
+
+class _Untraceable(Exception):
+    pass
+
+
+def _parameters(layer):
+    try:
+        return inspect.signature(layer.call).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _traced_model(layer, args, kwargs, training):
+    """The functional model `layer.call` builds on fresh inputs like `args` and `kwargs`."""
+    inputs = []
+
+    def fresh(value):
+        if not isinstance(value, keras.KerasTensor):
+            return value
+        tensor = keras.Input(batch_shape=value.shape, dtype=value.dtype, sparse=value.sparse)
+        inputs.append(tensor)
+        # As Layer.__call__ does first: inputs cast to the layer's input dtype (a Cast in the graph).
+        if getattr(layer, "_convert_input_args", True):
+            converted = layer.dtype_policy.convert_input(tensor, layer.autocast, layer.input_dtype)
+            return converted
+        return tensor
+
+    call_args, call_kwargs = keras.tree.map_structure(fresh, (tuple(args), dict(kwargs)))
+    if training is not None:
+        call_kwargs["training"] = training
+    weights_before = len(layer.weights)
+    with _nodes_restored(layer):
+        try:
+            outputs = layer.call(*call_args, **call_kwargs)
+        except Exception as error:  # anything call() raises on symbolic tensors
+            raise _Untraceable(f"its call() cannot run on symbolic tensors ({notices.first_line(error)})") from None
+        if len(layer.weights) != weights_before:
+            raise _Untraceable("its call() creates weights")
+        for leaf in keras.tree.flatten(outputs):
+            if not isinstance(leaf, keras.KerasTensor):
+                raise _Untraceable(
+                    f"its call() returns a {type(leaf).__name__} that is not computed from its inputs"
+                )
+        try:
+            model = keras.Model(inputs, outputs, name=f"{layer.name}_traced")
+        except Exception as error:  # a graph Keras cannot hold: disconnected, duplicate names
+            raise _Untraceable(f"its graph is not a functional model ({notices.first_line(error)})") from None
+    _check_constants(model)
+    return model
+
+
+def _check_constants(model):
+    """Refuse graphs holding a weight or a tensor as a constant argument of a call."""
+    from bnseq import graph as graph_module
+
+    for operation, (args, kwargs), _, _ in graph_module.calls_of(model):
+        for leaf in keras.tree.flatten((args, kwargs)):
+            if isinstance(leaf, keras.KerasTensor) or leaf is None:
+                continue
+            if isinstance(leaf, keras.Variable):
+                raise _Untraceable(
+                    f"its call() reads the weight '{leaf.path}' directly in '{operation.name}', outside a layer"
+                )
+            if keras.ops.is_tensor(leaf) or (isinstance(leaf, np.ndarray) and leaf.size > 1):
+                raise _Untraceable(f"its call() passes a tensor computed outside the graph to '{operation.name}'")
+
+
+def _signature(model, known):
+    """The operations of a traced model in order, and how they are wired.
+
+    `known`: ids of the layer's own sublayers, compared as objects; a layer
+    made inside `call()` (new at each trace) is compared by its class.
+    """
+    from bnseq import graph as graph_module
+
+    position = {id(tensor): index for index, tensor in enumerate(model.inputs)}
+    parts = []
+    for operation, (args, kwargs), inputs, outputs in graph_module.calls_of(model):
+        kind = id(operation) if id(operation) in known else type(operation).__name__
+        parts.append((kind, tuple(position.get(id(tensor), -1) for tensor in inputs)))
+        for tensor in outputs:
+            position[id(tensor)] = len(position)
+    return parts
+
+
+@contextlib.contextmanager
+def _nodes_restored(layer):
+    """Put every sublayer's inbound and outbound nodes back as they were on exit.
+
+    Each symbolic call appends a `Node` to the called layer's `_inbound_nodes`
+    and to its producers' `_outbound_nodes` (private Keras state, checked on
+    Keras 3.14 and 3.15). Left there, a sublayer of the user's model would
+    have one node more per trace, and `layer.output` would then refuse
+    ("multiple inbound nodes"). The traced model keeps its own nodes.
+    """
+    from bnseq import graph as graph_module
+
+    layers = [layer, *graph_module.inner_layers(layer)]
+    kept = [(each, len(each._inbound_nodes), len(each._outbound_nodes)) for each in layers]
+    try:
+        yield
+    finally:
+        for each, inbound, outbound in kept:
+            del each._inbound_nodes[inbound:]
+            del each._outbound_nodes[outbound:]
+
+
+def _differs(layer, args, kwargs, model):
+    """Why the trace does not compute what `layer` computes on a random input, or `""`.
+
+    Both run as `predict` runs them: inside a functional model called with
+    `training=False` (the layer as one node of its own), compiled. A bare
+    eager call would not do: Keras passes `training` down through its call
+    context, and a layer created inside `call()` with a `training=True`
+    default (keras-hub's SpatialPyramidPooling makes a `Resizing`) sets it for
+    the layers after it when nothing above says otherwise.
+    """
+    rng = np.random.default_rng(0)
+
+    def sample(value):
+        shape = [2 if index == 0 and size is None else (4 if size is None else size) for index, size in
+                 enumerate(value.shape)]
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        if dtype == "bool":
+            return np.ones(shape, bool)
+        if "int" in dtype:
+            return rng.integers(0, 3, shape).astype(dtype)
+        return rng.standard_normal(shape).astype(dtype)
+
+    leaves = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, keras.KerasTensor)]
+    values = [sample(leaf) for leaf in leaves]
+    try:
+        with _nodes_restored(layer):
+            inputs = [keras.Input(batch_shape=leaf.shape, dtype=leaf.dtype, sparse=leaf.sparse) for leaf in leaves]
+            fresh = iter(inputs)
+            call_args, call_kwargs = keras.tree.map_structure(
+                lambda value: next(fresh) if isinstance(value, keras.KerasTensor) else value, (tuple(args), dict(kwargs))
+            )
+            original = keras.Model(inputs, layer(*call_args, **call_kwargs))
+        expected = _run(layer, functools.partial(_call, original, (values,), {"training": False}))
+        actual = _run(layer, functools.partial(_call, model, (values,), {"training": False}))
+    except Exception as error:  # the random input does not suit the layer: the trace is unchecked
+        return f"its trace could not be checked on a random input ({notices.first_line(error)})"
+    expected, actual = keras.tree.flatten(expected), keras.tree.flatten(actual)
+    if len(expected) != len(actual):
+        return "its trace returns a different structure than its call()"
+    for want, got in zip(expected, actual):
+        if want.shape != got.shape:
+            return "its trace returns a different shape than its call()"
+        scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
+        difference = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
+        if not difference / scale <= TOLERANCE:
+            return (
+                f"its trace computes differently from its call() on a random input (relative difference "
+                f"{difference / scale:.2g})"
+            )
+    return ""
+
+
+def _call(layer, args, kwargs):
+    return layer(*args, **kwargs)
+
+
+def _run(layer, function):
+    """`function()` as NumPy, compiled as `predict` compiles (by XLA where channels_first needs it).
+
+    `function` is a partial, not a lambda: TensorFlow counts the traces of
+    one code object and warns of "excessive retracing" across layers.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        outputs = tf.function(function, jit_compile=probes.needs_xla(layer), autograph=False)()
+    else:
+        outputs = function()
+    return keras.tree.map_structure(lambda x: np.asarray(keras.ops.convert_to_numpy(x)), outputs)
