@@ -24,6 +24,7 @@ BENCHMARKS = {
     "fold": ("Inference after folding", "benchmarks.fold_inference"),
     "recalibrate": ("Recalibrating statistics", "benchmarks.recalibrate"),
     "export": ("Exported models in their runtimes", "benchmarks.export"),
+    "trace": ("Tracing keras-hub blocks", "benchmarks.trace"),
 }
 PLOT = "build_time.png"
 

@@ -323,11 +323,18 @@ def _built_input(model):
     def spec(shape):
         return keras.KerasTensor((None, *tuple(shape)[1:]), dtype=model.input_dtype)
 
-    if is_shape(shapes):
-        return spec(shapes)
+    def specs(value):
+        if is_shape(value):
+            return spec(value)
+        if isinstance(value, dict):
+            return {key: specs(each) for key, each in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(specs(each) for each in value)
+        raise TypeError(value)
+
     try:
-        return keras.tree.map_shape_structure(spec, shapes)
-    except (ValueError, TypeError):
+        return specs(shapes)
+    except TypeError:
         return None
 
 

@@ -244,7 +244,7 @@ def _signature(model, known):
 
     position = {id(tensor): index for index, tensor in enumerate(model.inputs)}
     parts = []
-    for operation, (args, kwargs), inputs, outputs in graph_module.calls_of(model):
+    for operation, _, inputs, outputs in graph_module.calls_of(model):
         kind = id(operation) if id(operation) in known else type(operation).__name__
         parts.append((kind, tuple(position.get(id(tensor), -1) for tensor in inputs)))
         for tensor in outputs:
@@ -303,7 +303,8 @@ def _differs(layer, args, kwargs, model):
             inputs = [keras.Input(batch_shape=leaf.shape, dtype=leaf.dtype, sparse=leaf.sparse) for leaf in leaves]
             fresh = iter(inputs)
             call_args, call_kwargs = keras.tree.map_structure(
-                lambda value: next(fresh) if isinstance(value, keras.KerasTensor) else value, (tuple(args), dict(kwargs))
+                lambda value: next(fresh) if isinstance(value, keras.KerasTensor) else value,
+                (tuple(args), dict(kwargs)),
             )
             original = keras.Model(inputs, layer(*call_args, **call_kwargs))
         expected = _run(layer, functools.partial(_call, original, (values,), {"training": False}))

@@ -1,13 +1,25 @@
-"""keras-hub backbones whose BatchNormalization sits inside subclassed blocks, at tiny sizes.
+"""keras-hub backbones whose BatchNormalization sits inside subclassed blocks, at tiny sizes, and an oracle.
 
 Built from their constructors, no presets or downloads; shared by
 tests/test_trace.py and benchmarks/trace.py. Each builder returns a built
-model whose input is 32x32x3.
+model whose input is 32x32x3. `statistics_errors` checks recalibrated
+statistics against each BatchNormalization's captured inputs.
 """
 
-import keras_hub
+import keras
+import numpy as np
 
-M = keras_hub.models
+
+class _Models:
+    """`keras_hub.models`, imported when a builder runs (the oldest-versions leg has no keras-hub)."""
+
+    def __getattr__(self, name):
+        import keras_hub
+
+        return getattr(keras_hub.models, name)
+
+
+M = _Models()
 
 
 def hgnetv2():
@@ -136,3 +148,58 @@ BACKBONES = {
     "deeplab_v3": deeplab_v3,
     "retinanet_fpn_batch_norm": retinanet_fpn_batch_norm,
 }
+
+
+# The independent oracle for recalibrate -------------------------------------
+
+
+def batch_norms(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def captured_inputs(model, x):
+    """Each BatchNormalization's inputs in one eager inference call (`id(layer)` -> list of arrays).
+
+    Independent of bnseq: each layer's `call` is wrapped to record what it is
+    given while the model itself runs.
+    """
+    seen = {}
+    wrapped = batch_norms(model)
+    for layer in wrapped:
+        seen[id(layer)] = []
+
+        def recording(inputs, *args, _layer=layer, _call=layer.call, **kwargs):
+            seen[id(_layer)].append(keras.ops.convert_to_numpy(inputs).astype(np.float64))
+            return _call(inputs, *args, **kwargs)
+
+        layer.call = recording
+    try:
+        model(x, training=False)
+    finally:
+        for layer in wrapped:
+            del layer.call
+    return seen
+
+
+def statistics_errors(model, x):
+    """`layer name -> the largest difference between its moving statistics and those of its input in inference`.
+
+    Relative to the larger of 1, the largest absolute mean and the largest
+    variance; layers the data never reaches are left out.
+    """
+    captured = captured_inputs(model, x)
+    errors = {}
+    for layer in batch_norms(model):
+        inputs = captured[id(layer)]
+        if not inputs:
+            continue
+        axis = layer.axis % inputs[0].ndim
+        values = np.concatenate([np.moveaxis(each, axis, -1).reshape(-1, each.shape[axis]) for each in inputs])
+        mean, variance = values.mean(axis=0), values.var(axis=0)
+        scale = max(1.0, float(np.abs(mean).max()), float(variance.max()))
+        difference = max(
+            float(np.abs(keras.ops.convert_to_numpy(layer.moving_mean) - mean).max()),
+            float(np.abs(keras.ops.convert_to_numpy(layer.moving_variance) - variance).max()),
+        )
+        errors[layer.name] = difference / scale
+    return errors

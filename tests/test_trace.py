@@ -16,49 +16,18 @@ from keras import layers
 import bnseq
 from bnseq import graph
 from bnseq import trace
+from tests.backbones import BACKBONES
+from tests.backbones import batch_norms
+from tests.backbones import statistics_errors
 from tests.test_fold import randomize_statistics
 
 # Helpers ---------------------------------------------------------------------
 
 
-def batch_norms(model):
-    return [layer for layer in model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
-
-
-def captured_inputs(model, x):
-    """Each BatchNormalization's inputs in one eager inference call (`id(layer)` -> list of arrays)."""
-    seen = {}
-    wrapped = batch_norms(model)
-    for layer in wrapped:
-        seen[id(layer)] = []
-
-        def recording(inputs, *args, _layer=layer, _call=layer.call, **kwargs):
-            seen[id(_layer)].append(keras.ops.convert_to_numpy(inputs).astype(np.float64))
-            return _call(inputs, *args, **kwargs)
-
-        layer.call = recording
-    try:
-        model(x, training=False)
-    finally:
-        for layer in wrapped:
-            del layer.call
-    return seen
-
-
 def assert_exact_statistics(model, x, tolerance=1e-5):
     """Every called BatchNormalization's moving statistics are those of its input in inference."""
-    for layer in batch_norms(model):
-        inputs = captured_inputs(model, x)[id(layer)]
-        if not inputs:
-            continue
-        axis = layer.axis % inputs[0].ndim
-        values = np.concatenate([np.moveaxis(each, axis, -1).reshape(-1, each.shape[axis]) for each in inputs])
-        mean, variance = values.mean(axis=0), values.var(axis=0)
-        moving_mean = keras.ops.convert_to_numpy(layer.moving_mean)
-        moving_variance = keras.ops.convert_to_numpy(layer.moving_variance)
-        scale = max(1.0, float(np.abs(mean).max()), float(variance.max()))
-        assert np.abs(moving_mean - mean).max() <= tolerance * scale, layer.name
-        assert np.abs(moving_variance - variance).max() <= tolerance * scale, layer.name
+    for name, error in statistics_errors(model, x).items():
+        assert error <= tolerance, name
 
 
 def relative_error(model, other, x):
@@ -68,7 +37,8 @@ def relative_error(model, other, x):
 
 
 def statistics(layer):
-    return keras.ops.convert_to_numpy(layer.moving_mean).copy(), keras.ops.convert_to_numpy(layer.moving_variance).copy()
+    mean, variance = layer.moving_mean, layer.moving_variance
+    return keras.ops.convert_to_numpy(mean).copy(), keras.ops.convert_to_numpy(variance).copy()
 
 
 # Small blocks ----------------------------------------------------------------
@@ -88,12 +58,12 @@ class Reversed(layers.Layer):
 
 
 def noise(y):
-    """Zero, times noise drawn as a tensor of its own: a constant in a trace, which is refused."""
-    return y + keras.ops.zeros_like(y) * keras.random.normal((y.shape[-1],))
+    """Zero times a tensor made outside the inputs' graph: a constant in a trace, which is refused."""
+    return y + keras.ops.zeros_like(y) * keras.ops.ones((y.shape[-1],))
 
 
 class ReversedOpaque(Reversed):
-    """As `Reversed`, drawing randomness outside the graph: it does not trace."""
+    """As `Reversed`, using a tensor made outside the graph (as eager randomness is): it does not trace."""
 
     def call(self, x):
         return noise(self.bn_late(self.dense(keras.ops.relu(self.bn_early(x)))))
@@ -237,6 +207,49 @@ def test_traces_that_would_be_wrong_are_refused(block, reason):
     assert "could not be traced: " + reason in finding.message
 
 
+class Pair(layers.Layer):
+    """Two inputs (a list), a keyword tensor, two outputs, one layer called twice."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.shared = layers.Dense(4, use_bias=False, name=f"{self.name}_shared")
+        self.bn_a = layers.BatchNormalization(name=f"{self.name}_a")
+        self.bn_b = layers.BatchNormalization(name=f"{self.name}_b")
+
+    def call(self, inputs, scale=None, training=None):
+        left, right = inputs
+        a = self.bn_a(self.shared(left), training=training)
+        b = self.bn_b(self.shared(right), training=training)
+        return a * scale, keras.ops.relu(b)
+
+
+def test_several_inputs_outputs_keywords_and_a_shared_layer():
+    left, right, scale = keras.Input((3,), name="left"), keras.Input((3,), name="right"), keras.Input((4,), name="s")
+    a, b = Pair(name="p")([left, right], scale=scale)
+    model = keras.Model([left, right, scale], [a, b])
+    randomize_statistics(model, np.random.default_rng(9))
+    walked = graph.walk(model)
+    assert walked.opaque == {}
+    assert [layer.name for layer in walked.layers if isinstance(layer, layers.Layer)] == ["p_shared", "p_a", "p_b"]
+    folded, report = bnseq.fold_with_report(model)
+    assert [d.folded for d in report] == [False, False]  # the shared Dense feeds both: nothing folds
+    rng = np.random.default_rng(10)
+    x = [rng.normal(size=(6, 3)).astype("float32"), rng.normal(size=(6, 3)).astype("float32"),
+         rng.normal(size=(6, 4)).astype("float32")]
+    assert relative_error(model, folded, x) <= 1e-6
+    recalibrated = bnseq.recalibrate(model, x, batch_size=4, verbose=0)
+    assert [row.samples for row in recalibrated] == [6, 6]
+    assert_exact_statistics(model, x)
+
+
+def test_a_masked_input_is_not_traced():
+    inputs = keras.Input((5,), dtype="int32")
+    embedded = layers.Embedding(10, 4, mask_zero=True)(inputs)
+    model = keras.Model(inputs, Reversed(name="m")(embedded))
+    (finding,) = [f for f in bnseq.lint(model) if f.code == "BN000"]
+    assert "could not be traced: its input carries a Keras mask" in finding.message
+
+
 # Recalibrate: call order, never called, fallback -------------------------------
 
 
@@ -342,12 +355,9 @@ def test_subclassed_model_that_does_not_trace_is_refused_with_the_reason():
 
 # keras-hub backbones whose BatchNormalization lives in blocks ------------------
 
-keras_hub = pytest.importorskip("keras_hub")
-from tests.backbones import BACKBONES  # noqa: E402  (needs keras_hub)
-
-
 @pytest.fixture(scope="module", params=sorted(BACKBONES))
 def backbone(request):
+    pytest.importorskip("keras_hub")
     model = BACKBONES[request.param]()
     randomize_statistics(model, np.random.default_rng(11))
     return request.param, model
@@ -392,6 +402,7 @@ def test_backbone_recalibrate_is_exact_and_settles(backbone):
 
 
 def test_traced_backbone_folded_saves_and_loads(tmp_path):
+    pytest.importorskip("keras_hub")
     model = BACKBONES["hgnetv2"]()
     randomize_statistics(model, np.random.default_rng(12))
     folded = bnseq.fold(model)
