@@ -10,20 +10,15 @@ import keras
 import numpy as np
 
 
-class _Models:
+def _hub():
     """`keras_hub.models`, imported when a builder runs (the oldest-versions leg has no keras-hub)."""
+    import keras_hub
 
-    def __getattr__(self, name):
-        import keras_hub
-
-        return getattr(keras_hub.models, name)
-
-
-M = _Models()
+    return keras_hub.models
 
 
 def hgnetv2():
-    return M.HGNetV2Backbone(
+    return _hub().HGNetV2Backbone(
         depths=[1, 1],
         embedding_size=8,
         hidden_sizes=[16, 32],
@@ -39,7 +34,7 @@ def hgnetv2():
 
 def mobilenet_v3_blocks():
     """MobileNetV3 blocks: a residual depthwise block and inverted residual blocks with squeeze-excite."""
-    return M.MobileNetBackbone(
+    return _hub().MobileNetBackbone(
         stackwise_expansion=[[16, 24], [32]],
         stackwise_num_blocks=[2, 1],
         stackwise_num_filters=[[8, 8], [16]],
@@ -61,7 +56,7 @@ def mobilenet_v3_blocks():
 
 def efficientnet_v2_blocks():
     """EfficientNet with the cba, fused and unfused (MBConv) blocks, all subclassed layers."""
-    return M.EfficientNetBackbone(
+    return _hub().EfficientNetBackbone(
         stackwise_kernel_sizes=[3, 3, 3],
         stackwise_num_repeats=[1, 1, 1],
         stackwise_input_filters=[8, 8, 16],
@@ -78,7 +73,7 @@ def efficientnet_v2_blocks():
 
 
 def mobilenetv5_batch_norm():
-    return M.MobileNetV5Backbone(
+    return _hub().MobileNetV5Backbone(
         stackwise_block_types=[["er"], ["uir", "uir"]],
         stackwise_num_blocks=[1, 2],
         stackwise_num_filters=[[8], [16, 16]],
@@ -104,7 +99,7 @@ def mobilenetv5_batch_norm():
 
 
 def _resnet_encoder():
-    return M.ResNetBackbone(
+    return _hub().ResNetBackbone(
         input_conv_filters=[64],
         input_conv_kernel_sizes=[3],
         stackwise_num_filters=[64, 16, 16, 16],
@@ -117,7 +112,7 @@ def _resnet_encoder():
 
 def deeplab_v3():
     """DeepLabV3's SpatialPyramidPooling block over a ResNet encoder."""
-    return M.DeepLabV3Backbone(
+    return _hub().DeepLabV3Backbone(
         image_encoder=_resnet_encoder(),
         spatial_pyramid_pooling_key="P4",
         upsampling_size=4,
@@ -130,7 +125,7 @@ def deeplab_v3():
 
 def retinanet_fpn_batch_norm():
     """RetinaNet's FeaturePyramid with use_fpn_batch_norm (it builds BatchNormalization it never calls)."""
-    return M.RetinaNetBackbone(
+    return _hub().RetinaNetBackbone(
         image_encoder=_resnet_encoder(),
         min_level=3,
         max_level=5,
