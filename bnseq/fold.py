@@ -233,7 +233,7 @@ def _why_not(graph, producer, bn):
             f"its axis {bn.axis} is not the channel axis of "
             f"{rules.describe(producer)}"
         )
-    if _bias_lands_on_the_wrong_axis(producer):
+    if _bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
         return (
             f"{rules.describe(producer)} is channels_first with as many channels "
             "as its last spatial size, where this Keras backend adds a bias "
@@ -246,7 +246,7 @@ def _why_not(graph, producer, bn):
     return None
 
 
-def _bias_lands_on_the_wrong_axis(layer):
+def _bias_lands_on_the_wrong_axis(layer, shape):
     """Whether `layer`'s bias would be added along the wrong axis.
 
     See `probes.bias_add_is_sound`: where the backend guesses the layout of a
@@ -257,9 +257,7 @@ def _bias_lands_on_the_wrong_axis(layer):
     """
     if rules.channel_axis(layer) != 1:
         return False
-    try:
-        shape = layer.output.shape
-    except (AttributeError, ValueError):
+    if shape is None:
         return True  # unknown: keep the BatchNormalization, to be safe
     return shape[-1] == shape[1] and not probes.bias_add_is_sound()
 

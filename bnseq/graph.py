@@ -47,6 +47,7 @@ class Graph:
     opaque: dict = dataclasses.field(default_factory=dict)
     uncalled: list = dataclasses.field(default_factory=list)
     flat: object = None
+    _output_specs: dict = dataclasses.field(default_factory=dict)
 
     def producers(self, layer):
         """The leaf operations whose outputs `layer` takes (model inputs left out)."""
@@ -64,6 +65,16 @@ class Graph:
     def hidden_batch_norms(self, layer):
         """BatchNormalization layers inside a leaf that no walk can see into (see `hidden_batch_norms`)."""
         return hidden_batch_norms(layer)
+
+    def output_shape(self, layer):
+        """The shape of what `layer` returns (its first call's first output), or `None` if unknown."""
+        spec = self._output_specs.get(id(layer))
+        if spec is not None:
+            return tuple(spec.shape)
+        try:  # a layer of a Sequential model read without specs: Keras's own record of its call
+            return tuple(layer.output.shape)
+        except (AttributeError, ValueError):
+            return None
 
     def why_opaque(self, layer):
         """Why a leaf holding BatchNormalization layers could not be seen into, in one line."""
@@ -108,7 +119,7 @@ def walk(model):
     (True, True)
     """
     flat = flatten(model)
-    layers, parents = [], {}
+    layers, parents, output_specs = [], {}, {}
     producers, consumers = collections.defaultdict(list), collections.defaultdict(list)
     behind = {}  # Ref -> the leaf that produced it (model inputs have none)
     for call in flat.calls:
@@ -116,6 +127,7 @@ def walk(model):
         if id(operation) not in parents:
             parents[id(operation)] = call.parent
             layers.append(operation)
+            output_specs[id(operation)] = call.outputs[0].spec if call.outputs else None
         for ref in call.inputs:
             source = behind.get(ref)
             if source is not None and not any(each is source for each in producers[id(operation)]):
@@ -132,6 +144,7 @@ def walk(model):
         opaque=flat.opaque,
         uncalled=flat.uncalled,
         flat=flat,
+        _output_specs=output_specs,
     )
 
 
@@ -279,13 +292,17 @@ def _packed(model, outputs):
 
 
 def _uncalled(model, flat):
-    """BatchNormalization layers of `model` that no call of `flat` runs or may run."""
+    """BatchNormalization layers of `model` that no call of `flat` runs or may run.
+
+    Only a traced layer can hide one: Sequential and functional models hold
+    the layers they call.
+    """
+    if not flat.traced:
+        return []
     seen = set()
     for call in flat.calls:
         seen.add(id(call.operation))
         seen.update(id(each) for each in hidden_batch_norms(call.operation))
-    if not flat.traced:
-        return []
     return [
         layer
         for layer in inner_layers(model)
@@ -356,7 +373,8 @@ def is_functional(model):
 def hidden_batch_norms(layer):
     """BatchNormalization layers inside a leaf that no walk can see into.
 
-    A subclassed layer or model is one leaf: its `call()` has no graph.
+    A leaf holding layers is a subclassed layer or model that was not traced
+    (see `Flat.opaque` for why), or one of Keras's own layers.
     """
     if not isinstance(layer, keras.Layer) or isinstance(layer, keras.layers.BatchNormalization):
         return []
@@ -400,12 +418,14 @@ class _Flattener:
         self.traces = {}  # id(layer) -> its Trace, for layers that traced
         self.traced = False
 
-    def call(self, operation, args, kwargs, sources, parent, outputs=None, single=False):
+    def call(self, operation, args, kwargs, sources, parent, outputs=None, single=False, spec=False):
         """Record `operation` called on `sources`; the `Ref`s of what it returns.
 
         `outputs`: the output tensors Keras recorded for the call (their
         specs), where known. `single`: the call is a layer of a Sequential
-        model, whose one output `Ref` stands for all it returns.
+        model, whose one output `Ref` stands for all it returns. `spec`:
+        without `outputs`, work out the output's spec (a layer after it may
+        be traced, which needs its input's shape).
         """
         if isinstance(operation, keras.Model) and (isinstance(operation, keras.Sequential) or is_functional(operation)):
             return self.model(operation, sources, parent)
@@ -419,7 +439,7 @@ class _Flattener:
                 self.traced = True
                 refs = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, Ref)]
                 return self.model(traced.model, refs, parent, inline=True)
-        specs = list(outputs) if outputs else [_output_spec(operation, args, kwargs)]
+        specs = list(outputs) if outputs else [_output_spec(operation, args, kwargs) if spec else None]
         results = tuple(Ref(f"{operation.name}:{index}", spec) for index, spec in enumerate(specs))
         self.calls.append(Call(operation, parent, args, kwargs, tuple(sources), results))
         return results
@@ -445,8 +465,10 @@ class _Flattener:
         """
         if isinstance(model, keras.Sequential):
             ref = sources[0] if sources else Ref(f"{model.name}:input")
+            # Output specs cost a shape inference per layer: only worked out where a trace needs them.
+            spec = any(trace_module.should_trace(layer) for layer in model.layers)
             for layer in model.layers:
-                (ref,) = self.call(layer, (ref,), {}, [ref], parent=model, single=True)
+                (ref,) = self.call(layer, (ref,), {}, [ref], parent=model, single=True, spec=spec)
             return [ref]
         behind = {id(tensor): source for tensor, source in zip(model.inputs, sources)}
 
@@ -475,11 +497,9 @@ class _Flattener:
 
 def _output_spec(operation, args, kwargs):
     """The spec of what `operation` returns on these arguments, or `None` if unknown."""
-    specs = keras.tree.map_structure(lambda value: value.spec if isinstance(value, Ref) else value, (args, kwargs))
-    if any(value is None for value in keras.tree.flatten(specs)) and any(
-        isinstance(value, Ref) and value.spec is None for value in keras.tree.flatten((args, kwargs))
-    ):
+    if any(isinstance(value, Ref) and value.spec is None for value in keras.tree.flatten((args, kwargs))):
         return None
+    specs = keras.tree.map_structure(lambda value: value.spec if isinstance(value, Ref) else value, (args, kwargs))
     try:
         spec = operation.compute_output_spec(*specs[0], **specs[1])
     except Exception:  # a layer that cannot say: unknown

@@ -161,7 +161,7 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             layer.moving_variance.assign(before[id(layer)][1])
         raise
     rows = []
-    for layer in in_order:
+    for layer in _as_they_ran(in_order, measured.ran):
         pooled = measured.stats[id(layer)]
         old_mean, old_variance = (value.astype(np.float64) for value in before[id(layer)])
         if pooled.count == 0:  # never reached by the data (an unused branch): left as it was
@@ -176,6 +176,20 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             )
         )
     return RecalibrationReport(rows, passes=measured.passes, cache_peak=measured.cache_peak)
+
+
+def _as_they_ran(layers, ran):
+    """`layers` (model order), with those hidden in untraced layers put in the order they ran.
+
+    `Flat.batch_norms` can only list those in the order their layer created
+    them; the measurement saw the order a real call runs them in.
+    """
+    ran = [layer for layer in ran if any(layer is each for each in layers)]
+    slots = [index for index, layer in enumerate(layers) if any(layer is each for each in ran)]
+    ordered = list(layers)
+    for index, layer in zip(slots, ran):
+        ordered[index] = layer
+    return ordered
 
 
 def _statistics_of(layer):

@@ -52,11 +52,14 @@ class Measurement:
         passes: float. Layer calls made, over the calls one forward pass
             makes (1.0 when every cut was kept).
         cache_peak: int. The most bytes of activations kept at once.
+        ran: list. The BatchNormalization layers hidden in untraced layers,
+            in the order a real call ran them (empty when there are none).
     """
 
     stats: dict
     passes: float
     cache_peak: int
+    ran: list = dataclasses.field(default_factory=list)
 
 
 class Pooled:
@@ -142,7 +145,7 @@ def measure(
             run.step(level - 1, progress)
             if on_level is not None:
                 on_level(plan.by_level.get(level, []), stats)
-    return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak)
+    return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak, ran=order or [])
 
 
 def _run_order(model, flat, batches, batch_norms):

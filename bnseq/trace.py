@@ -45,8 +45,10 @@ import weakref
 import keras
 import numpy as np
 
+from bnseq import graph as graph_module
 from bnseq import notices
 from bnseq import probes
+from bnseq import rules
 
 # Relative difference between a trace and the layer on a random input above which
 # the trace is not used: float32 reassociation in XLA or oneDNN stays far below it.
@@ -86,9 +88,6 @@ def should_trace(layer):
     graphs, and not one of Keras's own layers) holding a BatchNormalization
     or a layer bnseq rewrites.
     """
-    from bnseq import graph as graph_module
-    from bnseq import rules
-
     if not isinstance(layer, keras.Layer) or type(layer).__module__.startswith("keras."):
         return False
     if isinstance(layer, keras.Sequential) or graph_module.is_functional(layer):
@@ -143,8 +142,6 @@ def _key(args, kwargs):
 
 
 def _trace(layer, args, kwargs):
-    from bnseq import graph as graph_module
-
     leaves = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, keras.KerasTensor)]
     if any(getattr(leaf, "_keras_mask", None) is not None for leaf in leaves):
         return Trace(layer, None, "its input carries a Keras mask, which travels beside a graph, not in it")
@@ -190,8 +187,7 @@ def _traced_model(layer, args, kwargs, training):
         inputs.append(tensor)
         # As Layer.__call__ does first: inputs cast to the layer's input dtype (a Cast in the graph).
         if getattr(layer, "_convert_input_args", True):
-            converted = layer.dtype_policy.convert_input(tensor, layer.autocast, layer.input_dtype)
-            return converted
+            return layer.dtype_policy.convert_input(tensor, layer.autocast, layer.input_dtype)
         return tensor
 
     call_args, call_kwargs = keras.tree.map_structure(fresh, (tuple(args), dict(kwargs)))
@@ -220,8 +216,6 @@ def _traced_model(layer, args, kwargs, training):
 
 def _check_constants(model):
     """Refuse graphs holding a weight or a tensor as a constant argument of a call."""
-    from bnseq import graph as graph_module
-
     for operation, (args, kwargs), _, _ in graph_module.calls_of(model):
         for leaf in keras.tree.flatten((args, kwargs)):
             if isinstance(leaf, keras.KerasTensor) or leaf is None:
@@ -240,8 +234,6 @@ def _signature(model, known):
     `known`: ids of the layer's own sublayers, compared as objects; a layer
     made inside `call()` (new at each trace) is compared by its class.
     """
-    from bnseq import graph as graph_module
-
     position = {id(tensor): index for index, tensor in enumerate(model.inputs)}
     parts = []
     for operation, _, inputs, outputs in graph_module.calls_of(model):
@@ -262,8 +254,6 @@ def _nodes_restored(layer):
     have one node more per trace, and `layer.output` would then refuse
     ("multiple inbound nodes"). The traced model keeps its own nodes.
     """
-    from bnseq import graph as graph_module
-
     layers = [layer, *graph_module.inner_layers(layer)]
     kept = [(each, len(each._inbound_nodes), len(each._outbound_nodes)) for each in layers]
     try:

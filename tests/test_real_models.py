@@ -12,6 +12,7 @@ from keras import layers
 
 import bnseq
 from bnseq.probes import infer
+from tests.backbones import batch_norms
 from tests.test_fold import randomize_statistics
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -115,8 +116,6 @@ BACKBONES = {
 }
 
 
-def batch_norms(model):
-    return [layer for layer in model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
 
 
 def relative_error(model, other, x):
