@@ -136,6 +136,10 @@ def lint(model_or_path, *, safe_mode=True):
         producer = graph.sole_producer(layer)
         if producer is None:
             continue
-        for code, message in rules.placement_problems(producer, layer):
+        # The bias is wasted only if every user of the output normalizes it.
+        shared = any(output is producer for output in graph.outputs) or not all(
+            isinstance(each, keras.layers.BatchNormalization) for each in graph.consumers(producer)
+        )
+        for code, message in rules.placement_problems(producer, layer, shared=shared):
             findings.append(Finding(code, layer.name, message, producer.name))
     return findings

@@ -179,10 +179,8 @@ def check_batch_norm(batch_norm, owner=None):
     ...
     ValueError: `batch_norm` cannot set `axis`: bnseq puts each ...
     """
-    if batch_norm is False:
-        return False
-    if batch_norm is True:
-        return {}
+    if isinstance(batch_norm, (bool, np.bool_)):  # NumPy's booleans too, as Keras takes them
+        return {} if batch_norm else False
     where = "`batch_norm`" + (f" for {owner}" if owner else "")
     received = f"Received: batch_norm={batch_norm!r}"
     if not isinstance(batch_norm, dict):
@@ -256,14 +254,16 @@ def _check_values(options, where, received):
         raise ValueError(f"{where}: `epsilon` must be greater than 0. {received}")
 
 
-def placement_problems(producer, batch_norm_layer):
+def placement_problems(producer, batch_norm_layer, *, shared=False):
     """What is wrong with a BatchNormalization fed by `producer`.
 
     The rules `bnseq.Sequential` warns about on `add()` and `bnseq.lint`
     reports, in one place:
 
     - `BN001`: the producer is a linear layer that adds a bias, which the
-      normalization subtracts again (`BN(Wx + b) = BN(Wx)`).
+      normalization subtracts again (`BN(Wx + b) = BN(Wx)`), or would once it
+      moves before the activation. Not when the producer's output also goes
+      elsewhere (`shared`): there the bias is not wasted.
     - `BN002`: the producer ends in a nonlinearity; the normalization belongs
       between the linear layer and its activation.
     - `BN003`: the BatchNormalization's axis is not the producer's channel
@@ -273,6 +273,8 @@ def placement_problems(producer, batch_norm_layer):
     Args:
         producer: Layer. The layer whose output the BatchNormalization takes.
         batch_norm_layer: `keras.layers.BatchNormalization`.
+        shared: bool. Whether the producer's output has other users than
+            this BatchNormalization (another layer, a model output).
 
     Returns:
         list of `(code, message)` tuples, empty when the placement is right.
@@ -285,7 +287,7 @@ def placement_problems(producer, batch_norm_layer):
     ['BN001']
     """
     problems = []
-    if is_linear(producer) and producer.use_bias:
+    if is_linear(producer) and producer.use_bias and not shared:
         wasted = _bias_size(producer)
         size = f"{wasted} parameters" if wasted is not None else "parameters"
         if is_identity(producer.activation):

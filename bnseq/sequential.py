@@ -267,16 +267,17 @@ class Sequential(units.Units, keras.Sequential):
         >>> model.pop() is dense, len(model.layers)
         (True, 0)
         """
-        if not self._unit_sizes and self._layers:
-            # Only the InputLayer is left: it goes, as in keras.Sequential,
-            # and a new `keras.Input` can be added.
-            removed = self._layers.pop()
-            self.built, self._functional = False, None
-            return removed
         if not self._unit_sizes:
+            # keras.Sequential raises here too (an IndexError), but only after
+            # removing the InputLayer; bnseq leaves the model as it was.
             raise _EmptyModelError(
                 f"Sequential model '{self.name}' has no layers to pop. "
-                "Check `len(model.layers)` before calling `pop()`."
+                "Check `len(model.layers)` before calling `pop()`"
+                + (
+                    "; the model's input stays (for another input, start a new model)."
+                    if self._layers
+                    else "."
+                )
             )
         *rest, size = self._unit_sizes
         removed = [self._layers.pop() for _ in range(size)]

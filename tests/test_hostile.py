@@ -116,17 +116,35 @@ def test_numpy_booleans_are_booleans():
     assert model.batch_norm == {"center": False, "scale": True}
 
 
-@pytest.mark.parametrize("cls", [keras.Sequential, bnseq.Sequential])
-def test_pop_through_the_input_layer_then_a_new_input(cls):
-    model = cls([keras.Input((4,)), layers.Dense(2)])
+def test_pop_through_the_input_layer_keras_removes_it_then_raises():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
     model.pop()
-    try:
-        model.pop()  # only the InputLayer left; keras.Sequential removes it, then raises IndexError
-    except IndexError:
-        assert cls is keras.Sequential
+    with pytest.raises(IndexError):
+        model.pop()  # only the InputLayer left: Keras removes it, then raises
     model.add(keras.Input((5,)))
     model.add(layers.Dense(3))
     assert model.output_shape == (None, 3) and model.input_shape == (None, 5)
+
+
+@pytest.mark.parametrize("layers_first", [[keras.Input((4,))], [keras.Input((4,)), layers.Dense(2)]])
+def test_pop_of_the_input_layer_raises_and_keeps_the_model(layers_first):
+    model = bnseq.Sequential(layers_first, batch_norm=True)
+    while len(model.layers):
+        model.pop()
+    with pytest.raises(IndexError, match="has no layers to pop.*the model's input stays"):
+        model.pop()
+    assert [type(layer).__name__ for layer in model._layers] == ["InputLayer"]
+    model.add(layers.Dense(3))  # the model still has its input
+    assert model.output_shape == (None, 3) and model.input_shape == (None, 4)
+
+
+@pytest.mark.parametrize("flag", [np.True_, np.bool_(True), True])
+def test_numpy_booleans_for_batch_norm(flag):
+    model = bnseq.Sequential([keras.Input((4,)), layers.Dense(3)], batch_norm=flag)
+    assert [type(layer).__name__ for layer in model.layers] == ["Dense", "BatchNormalization"]
+    plain = bnseq.Sequential([keras.Input((4,))], batch_norm=True)
+    plain.add(layers.Dense(3), batch_norm=np.False_)
+    assert [type(layer).__name__ for layer in plain.layers] == ["Dense"]
 
 
 def test_h5_saving_warns_and_points_to_keras(tmp_path):

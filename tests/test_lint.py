@@ -237,3 +237,31 @@ def test_bn004_in_a_functional_model():
         "BatchNormalization 'b' directly follows BatchNormalization 'a', whose output is already "
         "normalized; the second one only adds parameters and computation. Keep one of them."
     )
+
+
+# BN001 only where the bias is wasted ------------------------------------------
+
+
+def test_no_bn001_when_the_output_also_feeds_another_layer():
+    inputs = keras.Input((4,))
+    hidden = layers.Dense(6, name="d")(inputs)
+    normalized = layers.BatchNormalization(name="bn")(hidden)
+    skipped = layers.Dense(6, name="skip")(hidden)  # sees the bias
+    model = keras.Model(inputs, layers.Add()([normalized, skipped]))
+    assert codes(model) == []
+
+
+def test_no_bn001_when_the_output_is_also_a_model_output():
+    inputs = keras.Input((8, 8, 3))
+    features = layers.Conv2D(4, 3, name="c")(inputs)
+    normalized = layers.BatchNormalization(name="bn")(features)
+    assert codes(keras.Model(inputs, [normalized, features])) == []
+
+
+def test_bn001_when_every_user_normalizes():
+    inputs = keras.Input((4,))
+    hidden = layers.Dense(6, name="d")(inputs)
+    first = layers.BatchNormalization(name="bn1")(hidden)
+    second = layers.BatchNormalization(name="bn2")(hidden)
+    model = keras.Model(inputs, [first, second])
+    assert codes(model) == [("BN001", "bn1"), ("BN001", "bn2")]
