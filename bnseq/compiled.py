@@ -13,6 +13,7 @@ import inspect
 import keras
 
 from bnseq import graph as graph_module
+from bnseq import masking
 
 
 class Function:
@@ -33,12 +34,12 @@ class Function:
         values = dict(zip(self.step.inputs, inputs))
         for call in self.step.calls:
             execute(call, values)
-        moments = [_moments(values[ref], layer.axis) for layer, ref in self.step.targets]
+        moments = [_moments(values[ref], layer, masking.get_keras_mask(values[ref])) for layer, ref in self.step.targets]
         for call, layers in self.step.probes:
             with self.capture.recording(layers) as seen:
                 execute(call, dict(values), keep=False)
             for layer in layers:
-                parts = [_moments(each, layer.axis) for each in seen[id(layer)]]
+                parts = [_moments(each, layer, mask) for each, mask in seen[id(layer)]]
                 moments.append(_pooled_moments(parts) if parts else _no_moments(layer))
         return [values[ref] for ref in self.step.keep], moments
 
@@ -77,17 +78,36 @@ def _takes_training(operation):
     return _TAKES_TRAINING[kind]
 
 
-def _moments(x, axis):
-    """(count, mean, sum of squared deviations) per channel of `axis`, in float32 or wider."""
+def _moments(x, layer, mask=None):
+    """(count, mean, sum of squared deviations) per channel of `layer.axis`, in float32 or wider.
+
+    With a Keras `mask` (one axis less than `x`, broadcast over the last), only
+    the positions it keeps count, as Keras's BatchNormalization computes masked
+    batch statistics.
+    """
     dtype = "float64" if keras.backend.standardize_dtype(x.dtype) == "float64" else "float32"
     x = keras.ops.cast(x, dtype)
     rank = len(x.shape)
-    axis = axis % rank
+    axis = layer.axis % rank
     others = [each for each in range(rank) if each != axis]
-    mean = keras.ops.mean(x, axis=others, keepdims=True)
-    m2 = keras.ops.sum(keras.ops.square(x - mean), axis=others)
-    count = keras.ops.size(x) // keras.ops.shape(x)[axis]
-    return count, keras.ops.reshape(mean, (-1,)), m2
+    if mask is None:
+        mean = keras.ops.mean(x, axis=others, keepdims=True)
+        m2 = keras.ops.sum(keras.ops.square(x - mean), axis=others)
+        count = keras.ops.size(x) // keras.ops.shape(x)[axis]
+        return count, keras.ops.reshape(mean, (-1,)), m2
+    if axis != rank - 1 or len(mask.shape) != rank - 1:
+        raise ValueError(
+            f"BatchNormalization '{layer.name}' takes a masked input (shape {tuple(x.shape)}, mask shape "
+            f"{tuple(mask.shape)}) on axis {layer.axis}: Keras broadcasts a mask over the last axis only, "
+            "so recalibrate counts masked positions only when the channels are last. Normalize the last "
+            "axis, or drop the mask before the layer."
+        )
+    keep = keras.ops.cast(keras.ops.expand_dims(mask, -1), dtype)
+    count = keras.ops.sum(keep)
+    total = keras.ops.sum(x * keep, axis=others, keepdims=True)
+    mean = total / keras.ops.maximum(count, 1.0)
+    m2 = keras.ops.sum(keras.ops.square((x - mean) * keep), axis=others)
+    return keras.ops.cast(count, "int64"), keras.ops.reshape(mean, (-1,)), m2
 
 
 def _no_moments(layer):
@@ -225,14 +245,15 @@ class Capturing:
             if self.order is not None and not any(each is layer for each in self.order):
                 self.order.append(layer)
             if self.seen is not None and id(layer) in self.seen:
-                self.seen[id(layer)].append(inputs)
+                mask = kwargs.get("mask")
+                self.seen[id(layer)].append((inputs, masking.get_keras_mask(inputs) if mask is None else mask))
             return call(inputs, *args, **kwargs)
 
         return recording_call
 
     @contextlib.contextmanager
     def recording(self, layers):
-        """`seen`: `id(layer)` -> the inputs the layers were called on in the block."""
+        """`seen`: `id(layer)` -> (input, mask or None) for each call of the layers in the block."""
         self.seen = {id(layer): [] for layer in layers}
         try:
             yield self.seen

@@ -1,5 +1,7 @@
 """Data as `predict` takes it: its batches, and a batch as a model's input tensors."""
 
+import itertools
+
 import keras
 import numpy as np
 
@@ -7,16 +9,26 @@ from bnseq import graph as graph_module
 
 
 def batches_of(data, batch_size, steps):
-    """The batches of `x` in `data`, as a list (read once, then computed on step by step)."""
+    """The batches of `x` in `data`, as a list (at most `steps` of them read, then computed on step by step)."""
+    check_batching(batch_size, steps)
     if isinstance(data, keras.utils.PyDataset):
-        batches = [_x_of(data[index]) for index in range(len(data))]
-    elif _is_arrays(data):
-        batches = _array_batches(data, batch_size or 32)
-    else:
-        if hasattr(data, "as_numpy_iterator"):  # a tf.data.Dataset
-            data = data.as_numpy_iterator()
-        batches = [_x_of(batch) for batch in data]
-    return batches[:steps] if steps is not None else batches
+        count = len(data) if steps is None else min(steps, len(data))
+        return [_x_of(data[index]) for index in range(count)]
+    if _is_arrays(data):
+        return _array_batches(data, batch_size or 32, steps)
+    if hasattr(data, "as_numpy_iterator"):  # a tf.data.Dataset
+        data = data.as_numpy_iterator()
+    # islice reads no further than `steps`: an endless generator is fine, as with predict(steps=).
+    return [_x_of(batch) for batch in itertools.islice(data, steps)]
+
+
+def check_batching(batch_size, steps):
+    """Raise unless `batch_size` and `steps` are each `None` or a positive int."""
+    for name, value in (("batch_size", batch_size), ("steps", steps)):
+        if value is None:
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int or None. Received: {name}={value!r}")
 
 
 def _is_arrays(data):
@@ -27,9 +39,11 @@ def _is_arrays(data):
     return all(hasattr(leaf, "shape") and hasattr(leaf, "__len__") for leaf in leaves)
 
 
-def _array_batches(data, batch_size):
+def _array_batches(data, batch_size, steps=None):
     leaves = keras.tree.flatten(data)
     size = len(leaves[0])
+    if steps is not None:
+        size = min(size, steps * batch_size)
     return [
         keras.tree.map_structure(lambda array, start=start: np.asarray(array[start : start + batch_size]), data)
         for start in range(0, size, batch_size)

@@ -103,9 +103,14 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
         data: what the model takes: a NumPy array (or a list/dict of them for
             several inputs), a `tf.data.Dataset` of `x` or `(x, y[, w])`
             batches, a `keras.utils.PyDataset`, or a Python iterable of
-            batches (all read into memory first).
+            batches (all read into memory first; with `steps`, only those).
+            Where a BatchNormalization's input carries a Keras mask (after
+            `Embedding(mask_zero=True)` or `Masking`), only the positions the
+            mask keeps are counted, as Keras's own layer computes its batch
+            statistics.
         batch_size: int, optional. For arrays: the batch size (default 32).
-        steps: int, optional. Use only the first `steps` batches.
+        steps: int, optional. Read and use only the first `steps` batches
+            (an endless generator is fine).
         verbose: `"auto"`, 0 or 1. A progress bar with one step per batch
             and level (shown unless 0).
         cache_limit: int or `"auto"`. Bytes of activations that may be kept
@@ -119,8 +124,11 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
     Raises:
         TypeError: if `model` is not a Keras model.
         ValueError: if `data` has no batches, a batch does not match the
-            model's inputs, `cache_limit` is not a number of bytes, or a
-            BatchNormalization takes its own output as input.
+            model's inputs, `batch_size`, `steps` or `cache_limit` is not
+            valid, a BatchNormalization's input is not finite (NaN or
+            infinity: the error names the layer and the batch), or a
+            BatchNormalization takes its own output as input. The model's
+            statistics are then left as they were.
 
     Example:
 

@@ -38,6 +38,7 @@ import numpy as np
 from bnseq import compiled
 from bnseq import data
 from bnseq import graph as graph_module
+from bnseq import masking
 from bnseq import probes
 
 DEFAULT_CACHE_FRACTION = 0.5  # of the memory available when the call starts, for "auto"
@@ -130,6 +131,10 @@ def measure(
     """
     limit = _cache_limit(cache_limit)
     flat = flat or graph_module.flatten(model)
+    if _has_masks(flat):
+        # A Keras mask travels on its tensor, and a kept cut loses it: every step then computes
+        # from the model's inputs (about levels / 2 passes), so that masks reach what reads them.
+        limit = 0
     order = _run_order(model, flat, batches, batch_norms)
     plan = _plan_for(model, flat, batch_norms, chained, order)
     values = [data.model_inputs(model, x, flat) for x in batches]
@@ -146,6 +151,21 @@ def measure(
             if on_level is not None:
                 on_level(plan.by_level.get(level, []), stats)
     return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak, ran=order or [])
+
+
+def _has_masks(flat):
+    """Whether a tensor of the flattened model carries a Keras mask."""
+    for call in flat.calls:
+        for ref in call.outputs:
+            spec = ref.spec
+            if spec is None:  # a layer of a Sequential model: Keras's own record of its call
+                try:
+                    spec = call.operation.output
+                except (AttributeError, ValueError):
+                    spec = None
+            if any(masking.carries_mask(each) for each in keras.tree.flatten(spec) if each is not None):
+                return True
+    return False
 
 
 def _run_order(model, flat, batches, batch_norms):
@@ -402,7 +422,15 @@ class _Run:
             outputs, moments = function(inputs)
             self.work += len(function.step.calls) + len(function.step.probes)
             for layer, values in zip(function.step.measured, moments):
-                self.stats[id(layer)].merge(*(keras.ops.convert_to_numpy(value) for value in values))
+                count, mean, m2 = (keras.ops.convert_to_numpy(value) for value in values)
+                if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(m2))):
+                    raise ValueError(
+                        f"The input of BatchNormalization '{layer.name}' is not finite (NaN or infinity) in "
+                        f"batch {index} of the data (counting from 0), so its statistics would be NaN; no "
+                        "statistics were changed. Look for NaN or infinite values in that batch, or in the "
+                        "weights of the layers before this one."
+                    )
+                self.stats[id(layer)].merge(count, mean, m2)
             if store:
                 for ref, value in zip(function.step.keep, outputs):
                     kept[ref].append(value)

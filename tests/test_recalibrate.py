@@ -483,3 +483,112 @@ def test_a_subclassed_model_is_one_call_run_once_per_hidden_layer():
     assert report.passes == 1.0  # one call of the model, run once for its one hidden layer
     features = keras.ops.convert_to_numpy(net.dense(x)).astype(np.float64)
     assert_statistics(net.bn, features.mean(axis=0), features.var(axis=0))
+
+
+# Masks, steps, bad arguments, non-finite data -----------------------------------
+
+
+def masked_model(kind):
+    embed = layers.Embedding(12, 4, mask_zero=True, name="embed")
+    stack = [embed, layers.Dense(3, use_bias=False, name="d1"), layers.BatchNormalization(name="bn1"),
+             layers.Dense(2, name="d2"), layers.BatchNormalization(name="bn2")]
+    if kind == "sequential":
+        return keras.Sequential([keras.Input((6,), dtype="int32"), *stack])
+    inputs = keras.Input((6,), dtype="int32")
+    x = inputs
+    for layer in stack:
+        x = layer(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_masked_positions_are_not_counted_as_keras_counts_them(kind):
+    rng = np.random.default_rng(3)
+    model = scramble(masked_model(kind), 4)
+    x = rng.integers(1, 12, size=(37, 6))
+    x[:, 4:] = 0  # padding, masked out
+    x[::3, 2:] = 0
+    bnseq.recalibrate(model, x, batch_size=10, verbose=0)
+    keep = x != 0
+    # An independent oracle: each BN's input in inference, the masked positions dropped.
+    for name, before in (("bn1", "d1"), ("bn2", "d2")):
+        upstream = keras.Model(model.input, model.get_layer(before).output)
+        values = np.asarray(upstream(x, training=False), np.float64)[keep]
+        assert_statistics(model.get_layer(name), values.mean(0), values.var(0))
+    # Keras's own batch statistics on one batch agree with the masked moments.
+    bn = model.get_layer("bn1")
+    upstream = keras.Model(model.input, model.get_layer("d1").output)
+    inputs = upstream(x[:10], training=False)
+    mean, variance = bn._moments(inputs, keras.ops.convert_to_tensor(x[:10] != 0))  # Keras private, the oracle
+    one = scramble(masked_model(kind), 5)
+    one.set_weights(model.get_weights())
+    bnseq.recalibrate(one, x[:10], verbose=0)
+    assert_statistics(one.get_layer("bn1"), keras.ops.convert_to_numpy(mean), keras.ops.convert_to_numpy(variance))
+
+
+def test_steps_bounds_what_is_read():
+    rng = np.random.default_rng(0)
+    read = []
+
+    def endless():
+        while True:
+            read.append(1)
+            yield rng.normal(size=(8, 3)).astype("float32")
+
+    model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4)], batch_norm=True)
+    report = bnseq.recalibrate(model, endless(), steps=3, verbose=0)
+    assert report[0].samples == 24 and len(read) == 3
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            read.append(index)
+            return np.full((5, 3), index, "float32")
+
+    read.clear()
+    assert bnseq.recalibrate(model, Batches(), steps=2, verbose=0)[0].samples == 10
+    assert read == [0, 1]
+    x = rng.normal(size=(50, 3)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=8, steps=2, verbose=0)
+    np.testing.assert_allclose(model.layers[1].moving_mean, model.layers[0](x[:16]).numpy().mean(0), atol=1e-5)
+    assert report[0].samples == 16
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"batch_size": 0}, {"batch_size": -3}, {"batch_size": 2.0}, {"steps": 0}, {"steps": -1},
+                  {"steps": True}, {"batch_size": "8"}]
+)
+def test_invalid_batch_size_or_steps_raise(arguments):
+    model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4)], batch_norm=True)
+    name, value = next(iter(arguments.items()))
+    with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a positive int or None. Received: {name}={value!r}")):
+        bnseq.recalibrate(model, np.zeros((10, 3), "float32"), verbose=0, **arguments)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_data_raises_naming_the_layer_and_batch_and_changes_nothing(bad):
+    rng = np.random.default_rng(1)
+    model = scramble(
+        bnseq.Sequential([keras.Input((3,)), layers.Dense(4), layers.Dense(2)], batch_norm=True), 2
+    )
+    before = [np.array(weight) for weight in model.get_weights()]
+    x = rng.normal(size=(30, 3)).astype("float32")
+    x[17, 1] = bad
+    bns = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    with pytest.raises(ValueError, match=re.escape(f"BatchNormalization '{bns[0].name}' is not finite")
+                       .replace("BatchNormalization", "The input of BatchNormalization") + ".* batch 2 "):
+        bnseq.recalibrate(model, x, batch_size=8, verbose=0)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_non_finite_from_a_weight_names_the_layer_it_reaches():
+    model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4), layers.Dense(2)], batch_norm=True)
+    second = model.layers[2]
+    kernel = second.kernel.numpy()
+    kernel[0, 0] = np.inf
+    second.kernel.assign(kernel)
+    with pytest.raises(ValueError, match=f"The input of BatchNormalization '{model.layers[3].name}' is not finite.* batch 0 "):
+        bnseq.recalibrate(model, np.ones((8, 3), "float32"), verbose=0)
