@@ -34,7 +34,9 @@ class Function:
         values = dict(zip(self.step.inputs, inputs))
         for call in self.step.calls:
             execute(call, values)
-        moments = [_moments(values[ref], layer, masking.get_keras_mask(values[ref])) for layer, ref in self.step.targets]
+        moments = [
+            _moments(values[ref], layer, masking.get_keras_mask(values[ref])) for layer, ref in self.step.targets
+        ]
         for call, layers in self.step.probes:
             with self.capture.recording(layers) as seen:
                 execute(call, dict(values), keep=False)

@@ -563,7 +563,8 @@ def test_steps_bounds_what_is_read():
 def test_invalid_batch_size_or_steps_raise(arguments):
     model = bnseq.Sequential([keras.Input((3,)), layers.Dense(4)], batch_norm=True)
     name, value = next(iter(arguments.items()))
-    with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a positive int or None. Received: {name}={value!r}")):
+    message = f"`{name}` must be a positive int or None. Received: {name}={value!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
         bnseq.recalibrate(model, np.zeros((10, 3), "float32"), verbose=0, **arguments)
 
 
@@ -590,5 +591,6 @@ def test_non_finite_from_a_weight_names_the_layer_it_reaches():
     kernel = second.kernel.numpy()
     kernel[0, 0] = np.inf
     second.kernel.assign(kernel)
-    with pytest.raises(ValueError, match=f"The input of BatchNormalization '{model.layers[3].name}' is not finite.* batch 0 "):
+    message = f"The input of BatchNormalization '{model.layers[3].name}' is not finite.* batch 0 "
+    with pytest.raises(ValueError, match=message):
         bnseq.recalibrate(model, np.ones((8, 3), "float32"), verbose=0)
