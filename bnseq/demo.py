@@ -208,10 +208,11 @@ def run(epochs=15, seed=0, out="bnseq-demo.png", print_fn=print):
     )
 
     naive = bnseq.fold_report(results["naive placement"][0])
+    forward = sum(d.folded and d.into is not None for d in naive)
     print_fn(
         f"The naive network: {sum(d.folded for d in naive)} of {len(naive)} "
-        "BatchNormalization layers can fold (each comes after a "
-        f"{ACTIVATION}), so it keeps paying for them at inference."
+        f"BatchNormalization layers fold, {forward} of them forward into the Dense layer after "
+        f"them (each comes after a {ACTIVATION}, so none can fold into the layer before it)."
     )
 
     findings = bnseq.lint(results["naive placement"][0])

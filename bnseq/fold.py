@@ -90,12 +90,14 @@ def _layout(layer):
     return "last"
 
 
-def folded_weights(layer, batch_norm_layer):
+def folded_weights(layer, batch_norm_layer, weights=None):
     """The weights of `layer` with `batch_norm_layer` folded in.
 
     Args:
         layer: one of the linear layers, built, with the identity activation.
         batch_norm_layer: the built `BatchNormalization` right after it.
+        weights: list of arrays, optional. The layer's weights to fold into
+            (default: its own), as `get_weights` lists them.
 
     Returns:
         list of arrays for `set_weights` on the same layer with
@@ -103,7 +105,7 @@ def folded_weights(layer, batch_norm_layer):
         of a separable convolution, scaled) and the new bias, each in its
         variable's dtype.
     """
-    weights = layer.get_weights()
+    weights = layer.get_weights() if weights is None else weights
     kernels = weights[:-1] if layer.use_bias else weights
     bias = weights[-1] if layer.use_bias else 0.0
     bn = batch_norm_layer
@@ -121,6 +123,67 @@ def folded_weights(layer, batch_norm_layer):
     return [*kernels[:-1], new_kernel, new_bias.astype(bias_dtype)]
 
 
+def why_not_forward(layer):
+    """Why an affine map per input channel cannot fold exactly into `layer`'s kernel, or None.
+
+    `layer(s * x + t) = W' x + b'` with `W' = diag(s) W` (over input channels)
+    and `b' = b + t W` (summed over the kernel's positions) holds wherever
+    every output sums the same kernel positions: for Dense, and for
+    convolutions that do not pad (`padding="valid"`, or every kernel size 1).
+    Under zero padding a border output would see `s * 0 + t` where it sees 0.
+    """
+    kinds = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+    transposed = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+    if not isinstance(layer, kinds) or isinstance(layer, transposed):
+        return f"{rules.describe(layer)} is not a Dense layer or a plain or depthwise convolution"
+    if type(layer) not in kinds:
+        return f"{rules.describe(layer)} is a subclass of {_keras_base(layer).__name__}"
+    if len(layer.weights) != 1 + int(layer.use_bias):
+        return f"{rules.describe(layer)} has weights beyond kernel and bias (quantized or LoRA)"
+    if getattr(layer, "groups", 1) != 1:
+        return f"{rules.describe(layer)} is a grouped convolution"
+    if not isinstance(layer, keras.layers.Dense) and layer.padding != "valid":
+        if any(size != 1 for size in layer.kernel_size):
+            return (
+                f"{rules.describe(layer)} pads its input ({layer.padding!r}) with a kernel larger than 1, "
+                "where the shift would not reach the padded border"
+            )
+    return None
+
+
+def _keras_base(layer):
+    return next(kind for kind in type(layer).__mro__ if kind.__module__.startswith("keras."))
+
+
+def forward_folded_weights(layer, scale, shift, kernel=None, bias=None):
+    """`layer`'s kernel and bias with the map `x -> scale * x + shift` of its input folded in.
+
+    Args:
+        layer: a layer `why_not_forward` accepts, built.
+        scale, shift: arrays, one value per input channel.
+        kernel, bias: arrays, optional. The values to fold into (default: the
+            layer's own; no bias is zeros).
+
+    Returns:
+        (kernel, bias) as float64 arrays.
+    """
+    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel) if kernel is None else kernel, np.float64)
+    if bias is None:
+        bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else 0.0
+    bias = np.asarray(bias, np.float64)
+    scale, shift = np.asarray(scale, np.float64), np.asarray(shift, np.float64)
+    # Input channels are the kernel's second-last axis in every layout accepted here.
+    new_kernel = kernel * scale[:, None]
+    spatial = tuple(range(kernel.ndim - 2))
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        # (*k, in, multiplier): output channel c * multiplier + m sees only input channel c.
+        added = (shift[:, None] * kernel.sum(axis=spatial)).reshape(-1)
+    else:
+        added = np.tensordot(shift, kernel.sum(axis=spatial), axes=([0], [0]))
+    return new_kernel, bias + added
+
+
 # Decisions -----------------------------------------------------------------
 
 
@@ -135,14 +198,20 @@ class FoldDecision:
             the layer it is hidden in.
         folded: bool. Whether it folds into that layer.
         reason: str. Why it stays, when it does; empty when it folds.
+        into: str or None. The layer after it that it folds into, when it
+            folds forward (it follows an activation or another layer that is
+            not linear, and feeds only a linear layer); `None` otherwise.
     """
 
     batch_norm: str
     producer: object
     folded: bool
     reason: str
+    into: object = None
 
     def __str__(self):
+        if self.folded and self.into is not None:
+            return f"{self.batch_norm}: folded forward into {self.into}"
         if self.folded:
             return f"{self.batch_norm}: folded into {self.producer}"
         return f"{self.batch_norm}: kept, {self.reason}"
@@ -177,35 +246,63 @@ def fold_report(model, *, safe_mode=True):
     late: kept, it follows ReLU 'relu', which is not a linear layer
     """
     model = files.as_model(model, safe_mode=safe_mode)
-    return [decision for _, _, decision in _decide(graph_module.walk(model))]
+    return [decision for _, _, decision, _ in _decide(graph_module.walk(model))]
 
 
 def _decide(graph):
-    """(BatchNormalization, producer or None, FoldDecision) for each one."""
+    """(BatchNormalization, producer or None, FoldDecision, consumer or None) for each one.
+
+    A BatchNormalization folds back into the linear layer that feeds it, or,
+    where it cannot, forward into the linear layer that alone takes its output.
+    """
     decisions = []
     for layer in graph.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
             for hidden in graph.hidden_batch_norms(layer):
                 reason = f"it is inside {rules.describe(layer)}, and {graph.why_opaque(layer)}"
-                decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason)))
+                decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason), None))
             continue
         producer = graph.sole_producer(layer)
         reason = _why_not(graph, producer, layer)
-        decisions.append(
-            (
-                layer,
-                producer if reason is None else None,
-                FoldDecision(
-                    layer.name,
-                    None if producer is None else producer.name,
-                    reason is None,
-                    reason or "",
-                ),
-            )
-        )
+        name = None if producer is None else producer.name
+        if reason is None:
+            decisions.append((layer, producer, FoldDecision(layer.name, name, True, ""), None))
+            continue
+        consumer, why_not_forward_reason = _forward_target(graph, layer)
+        if consumer is not None:
+            decisions.append((layer, None, FoldDecision(layer.name, name, True, "", into=consumer.name), consumer))
+            continue
+        if why_not_forward_reason:
+            reason += f"; nor forward: {why_not_forward_reason}"
+        decisions.append((layer, None, FoldDecision(layer.name, name, False, reason), None))
     for layer in graph.uncalled:
-        decisions.append((layer, None, FoldDecision(layer.name, None, False, "it is never called")))
+        decisions.append((layer, None, FoldDecision(layer.name, None, False, "it is never called"), None))
     return decisions
+
+
+def _forward_target(graph, bn):
+    """(the linear layer `bn` can fold forward into, None), or (None, why not or "")."""
+    consumers = graph.consumers(bn)
+    if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
+        return None, ""
+    (consumer,) = consumers
+    if not rules.is_linear(consumer):
+        return None, ""
+    if graph.producers(consumer) != [bn] or graph.calls_of(consumer) != 1:
+        return None, f"{rules.describe(consumer)} also takes other inputs"
+    if graph.parents.get(id(consumer)) is not graph.parents.get(id(bn)):
+        return None, f"{rules.describe(consumer)} is in a different model"
+    reason = why_not_forward(consumer)
+    if reason is not None:
+        return None, reason
+    shape = graph.output_shape(bn)
+    rank = len(shape) if shape is not None else rules.output_rank(consumer)
+    expected = -1 if isinstance(consumer, keras.layers.Dense) else rules.channel_axis(consumer)
+    if not rules.same_axis(bn.axis, expected, rank):
+        return None, f"its axis {bn.axis} is not the input channel axis of {rules.describe(consumer)}"
+    if not consumer.use_bias and _bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
+        return None, f"{rules.describe(consumer)} would need a bias this backend adds on the wrong axis"
+    return consumer, None
 
 
 def _why_not(graph, producer, bn):
@@ -360,7 +457,7 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
         )
     graph = graph_module.walk(model)
     decisions = _decide(graph)
-    report = [decision for _, _, decision in decisions]
+    report = [decision for _, _, decision, _ in decisions]
     left = [decision for decision in report if not decision.folded]
     if strict and left:
         raise ValueError(
@@ -368,21 +465,59 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
             "cannot be folded:\n" + "\n".join(f"- {decision}" for decision in left)
         )
     plan = rewrite.Plan("fold", _plain_sequential)
-    for bn, producer, _ in decisions:
-        if producer is None:
-            continue
-        activation = _activation_after(graph, bn)
-        folded_layer = _folded_layer(producer, activation)
-        plan.replace[id(producer)] = [folded_layer]
-        plan.drop.add(id(bn))
-        if activation is not None:
-            plan.drop.add(id(activation))
+    backward, forward, layers_by_id = {}, {}, {}
+    for bn, producer, _, consumer in decisions:
+        if producer is not None:
+            activation = _activation_after(graph, bn)
+            backward[id(producer)] = (bn, activation)
+            layers_by_id[id(producer)] = producer
+            plan.drop.add(id(bn))
+            if activation is not None:
+                plan.drop.add(id(activation))
+        elif consumer is not None:
+            forward[id(consumer)] = bn
+            layers_by_id[id(consumer)] = consumer
+            plan.drop.add(id(bn))
+    for key, layer in layers_by_id.items():
+        before = forward.get(key)
+        after, activation = backward.get(key, (None, None))
+        folded_layer = _folded_layer(layer, activation)
+        plan.replace[key] = [folded_layer]
         plan.finish.append(
-            lambda producer=producer, bn=bn, folded_layer=folded_layer: folded_layer.set_weights(
-                folded_weights(producer, bn)
+            lambda layer=layer, before=before, after=after, folded_layer=folded_layer: folded_layer.set_weights(
+                _weights_with(layer, before, after)
             )
         )
     return rewrite.apply(model, plan, graph.flat), report
+
+
+def _weights_with(layer, before, after):
+    """`layer`'s weights with `before` folded forward into it and `after` folded back into it."""
+    weights = layer.get_weights()
+    kernels = [np.asarray(each, np.float64) for each in (weights[:-1] if layer.use_bias else weights)]
+    bias = np.asarray(weights[-1], np.float64) if layer.use_bias else 0.0
+    if before is not None:  # a single kernel (why_not_forward)
+        kernel, bias = forward_folded_weights(layer, *_affine(before), kernel=kernels[0], bias=bias)
+        kernels = [kernel]
+    if after is not None:
+        scale, shift = _affine(after)
+        kernels = [*kernels[:-1], scale_kernel(kernels[-1], scale, _layout(layer))]
+        bias = scale * bias + shift
+    bias_dtype = weights[-1].dtype if layer.use_bias else weights[0].dtype
+    return [
+        *(kernel.astype(original.dtype) for kernel, original in zip(kernels, weights)),
+        np.asarray(bias).astype(bias_dtype),
+    ]
+
+
+def _affine(bn):
+    return batch_norm_affine(
+        keras.ops.convert_to_numpy(bn.moving_mean),
+        keras.ops.convert_to_numpy(bn.moving_variance),
+        bn.epsilon,
+        gamma=keras.ops.convert_to_numpy(bn.gamma) if bn.scale else None,
+        beta=keras.ops.convert_to_numpy(bn.beta) if bn.center else None,
+    )
 
 
 def _plain_sequential(model, tensor, layers, unit_sizes):

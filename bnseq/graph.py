@@ -57,6 +57,10 @@ class Graph:
         """The leaf operations that take `layer`'s output."""
         return list(self._consumers.get(id(layer), ()))
 
+    def calls_of(self, layer):
+        """How many times the flattened model calls `layer`."""
+        return sum(1 for call in self.flat.calls if call.operation is layer)
+
     def sole_producer(self, layer):
         """The one leaf operation feeding `layer`, or `None` if not exactly one."""
         producers = self._producers.get(id(layer), ())

@@ -59,7 +59,7 @@ def test_demo(capsys, tmp_path):
     assert naive[2:4] == ["28,910", "300"] and ours[1:3] == ["28,610", "0"]
     assert all(0.0 <= float(row[-3]) <= 1.0 for row in table)
     assert "3 of 3 BatchNormalization layers folded, 10 -> 4 layers" in out
-    assert "The naive network: 0 of 3 BatchNormalization layers can fold" in out
+    assert "The naive network: 3 of 3 BatchNormalization layers fold, 3 of them forward into the Dense" in out
     assert "bnseq.lint of the naive network: 6 findings" in out
     assert f"Plot of test accuracy against training step: {plot}" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,6 +11,7 @@ import pytest
 from keras import layers
 
 import bnseq
+from bnseq import probes
 from bnseq.fold import batch_norm_affine
 from bnseq.fold import folded_weights
 from bnseq.fold import scale_kernel
@@ -280,7 +281,7 @@ def test_shared_layers_and_model_outputs_stay_correct():
 def test_report_gives_each_reason():
     inputs = keras.Input((4, 4, 3))
     first = layers.BatchNormalization(name="first")(inputs)
-    relu = layers.Conv2D(3, 1, activation="relu", name="relu_conv")(first)
+    relu = layers.Conv2D(3, 3, padding="same", activation="relu", name="relu_conv")(first)
     after_act = layers.BatchNormalization(name="after_act")(relu)
     pooled = layers.BatchNormalization(name="after_pool")(layers.MaxPooling2D(name="pool")(after_act))
     wrong = layers.Conv2D(3, 1, name="conv")(pooled)
@@ -291,30 +292,30 @@ def test_report_gives_each_reason():
     ok = layers.BatchNormalization(name="ok")(layers.Conv2D(3, 1, name="c")(merged))
     model = keras.Model(inputs, ok)
     assert [str(decision) for decision in bnseq.fold_report(model)] == [
-        "first: kept, it takes a model input",
+        "first: kept, it takes a model input; nor forward: Conv2D 'relu_conv' pads its input ('same') with a "
+        "kernel larger than 1, where the shift would not reach the padded border",
         "after_act: kept, Conv2D 'relu_conv' applies its activation before it; only a linear "
         "layer with the identity activation folds",
-        "after_pool: kept, it follows MaxPooling2D 'pool', which is not a linear layer",
+        "after_pool: folded forward into conv",
         "wrong_axis: kept, its axis 1 is not the channel axis of Conv2D 'conv'",
-        "merged: kept, it follows Add 'add', which is not a linear layer",
+        "merged: folded forward into c",
         "ok: folded into c",
     ]
     randomize_statistics(model)
     folded = bnseq.fold(model)
-    assert sum(isinstance(layer, layers.BatchNormalization) for layer in folded.layers) == 5
+    assert sum(isinstance(layer, layers.BatchNormalization) for layer in folded.layers) == 3
     x = rng(10).normal(size=(2, 4, 4, 3)).astype("float32")
     assert relative_error(model, folded, x) <= 1e-5
 
     with pytest.raises(ValueError) as error:
         bnseq.fold(model, strict=True)
     assert str(error.value) == (
-        f"5 BatchNormalization layer(s) of model '{model.name}' cannot be folded:\n"
-        "- first: kept, it takes a model input\n"
+        f"3 BatchNormalization layer(s) of model '{model.name}' cannot be folded:\n"
+        "- first: kept, it takes a model input; nor forward: Conv2D 'relu_conv' pads its input ('same') "
+        "with a kernel larger than 1, where the shift would not reach the padded border\n"
         "- after_act: kept, Conv2D 'relu_conv' applies its activation before it; only a "
         "linear layer with the identity activation folds\n"
-        "- after_pool: kept, it follows MaxPooling2D 'pool', which is not a linear layer\n"
-        "- wrong_axis: kept, its axis 1 is not the channel axis of Conv2D 'conv'\n"
-        "- merged: kept, it follows Add 'add', which is not a linear layer"
+        "- wrong_axis: kept, its axis 1 is not the channel axis of Conv2D 'conv'"
     )
 
 
@@ -390,3 +391,62 @@ def test_folded_units_are_the_architecture_without_batch_norm():
     assert structure(folded) == structure(plain)
     x = rng(11).normal(size=(2, 9, 9, 2)).astype("float32")
     assert relative_error(model, folded, x) <= 1e-5
+
+
+# Folding forward: a BatchNormalization after an activation into the linear layer after it ----------
+
+
+def predicted(model, x):
+    """`predict`, or, where this machine has no channels_first kernels, the same compiled by XLA."""
+    if probes.needs_xla(model):
+        return keras.ops.convert_to_numpy(infer(model, x))
+    return model.predict(x, verbose=0)
+
+
+def forward_model(kind, data_format="channels_last", padding="valid"):
+    shape = (6, 6, 3) if data_format == "channels_last" else (3, 6, 6)
+    axis = -1 if data_format == "channels_last" else 1
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(4, 3, activation="relu", data_format=data_format, name="first")(inputs)
+    x = layers.BatchNormalization(axis=axis, name="late")(x)
+    if kind == "conv":
+        x = layers.Conv2D(5, 1 if padding == "same" else 2, padding=padding, data_format=data_format, name="next")(x)
+    elif kind == "depthwise":
+        x = layers.DepthwiseConv2D(2, depth_multiplier=2, data_format=data_format, name="next")(x)
+    else:
+        x = layers.Dense(5, name="next")(x)
+    x = layers.BatchNormalization(axis=axis, name="own")(x)  # folds back into `next` as well
+    return keras.Model(inputs, layers.ReLU()(x))
+
+
+@pytest.mark.parametrize(
+    "kind, data_format, padding",
+    [("conv", "channels_last", "valid"), ("conv", "channels_last", "same"), ("conv", "channels_first", "valid"),
+     ("depthwise", "channels_last", "valid"), ("depthwise", "channels_first", "valid"),
+     ("dense", "channels_last", "valid")],
+)
+def test_fold_forward_is_exact_under_predict(kind, data_format, padding):
+    model = forward_model(kind, data_format, padding)
+    randomize_statistics(model)
+    folded, report = bnseq.fold_with_report(model)
+    decisions = {d.batch_norm: str(d) for d in report}
+    assert decisions["late"] == "late: folded forward into next"
+    assert not any(isinstance(layer, layers.BatchNormalization) for layer in folded.layers)
+    x = rng(11).normal(size=(4, *model.input_shape[1:])).astype("float32")
+    expected, actual = predicted(model, x), predicted(folded, x)
+    assert np.max(np.abs(expected - actual)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_fold_forward_not_into_a_padding_conv_or_a_shared_output():
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(4, 3, activation="relu", name="first")(inputs)
+    late = layers.BatchNormalization(name="late")(x)
+    padded = layers.Conv2D(4, 3, padding="same", name="padded")(late)
+    model = keras.Model(inputs, padded)
+    randomize_statistics(model)
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded and "nor forward: Conv2D 'padded' pads its input ('same')" in decision.reason
+    two = keras.Model(inputs, [layers.Dense(2, name="d")(late), late])  # `late` is also an output
+    assert not bnseq.fold_report(two)[0].folded
+    x = rng(12).normal(size=(2, 6, 6, 3)).astype("float32")
+    assert relative_error(model, bnseq.fold(model), x) <= 1e-6
