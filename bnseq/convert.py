@@ -7,6 +7,7 @@ import numpy as np
 
 from bnseq import data as data_module
 from bnseq import files
+from bnseq import fold as fold_module
 from bnseq import graph as graph_module
 from bnseq import notices
 from bnseq import rewrite
@@ -29,23 +30,34 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
 
     Weights: each rewritten linear layer is a new layer holding the original's
     kernel (its bias goes); each BatchNormalization it gets is new (moving mean
-    0, variance 1, so outputs change until it is trained). Every other layer
-    is not copied: the result holds the same layer objects as the original
-    (a `Lambda`, a custom layer, a BatchNormalization it cannot place), as two
-    functional models built on one layer do, so their weights are shared.
-    The original model is not changed. `lint()` of the result is empty, and
-    `batch_normalize` of the result gives the same structure again.
+    0, variance 1, so outputs change until it is trained). A taken-over
+    BatchNormalization keeps its weights, its moving mean moved by the bias
+    that went (`BN(Wx + b)` with mean `m` is `BN(Wx)` with mean `m - b`), so
+    where it sat right after the linear layer it computes what it did. Every
+    other layer is not copied: the result holds the same layer objects as the
+    original (a `Lambda`, a custom layer, a BatchNormalization it cannot
+    place), as two functional models built on one layer do, so their weights
+    are shared. A linear layer bnseq cannot re-create from its config without
+    risk (a subclass, a quantized or LoRA layer) is kept as it is, with a
+    warning. The original model is not changed. `lint()` of the result is
+    empty, and `batch_normalize` of the result gives the same structure again.
 
     With `data`, the result computes in inference exactly what `model`
-    computes, so training can go on from there: each new BatchNormalization is
-    calibrated on `data` (its moving mean `m` and variance `v` are those of its
-    input, see `bnseq.recalibrate`) and given `gamma = sqrt(v + epsilon)` and
+    computes (in exact arithmetic; in float32 to about 1e-6 relative), so
+    training can go on from there: each new BatchNormalization is calibrated
+    on `data` (its moving mean `m` and variance `v` are those of its input,
+    see `bnseq.recalibrate`) and given `gamma = sqrt(v + epsilon)` and
     `beta = m + bias`, with the bias its linear layer had. At inference it then
     gives back `x + bias`, whatever `m` and `v` are, so all of them are
     measured in one pass over `data`; in training its batch statistics are
     close to `m` and `v`, so the first steps start from the trained model.
-    Taken-over BatchNormalization layers keep their weights, with or without
-    `data`.
+    A BatchNormalization the original applies after an activation is, at
+    inference, an affine map `s * a + t` of the activation's output; it moves
+    before the activation as a new, calibrated one, and its map folds forward
+    into the linear layer that alone takes its output (`W' = diag(s) W`,
+    `b' = b + t W`: exact for Dense, depthwise and plain convolutions that do
+    not pad). Where it cannot (its output goes elsewhere, or into a
+    convolution that zero-pads), `data=` raises, naming the layers.
 
     Args:
         model: `keras.Model`. Sequential (from Keras or bnseq) or functional
@@ -70,7 +82,9 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
     Raises:
         TypeError: if `model` is a subclassed model, which has no graph to
             rewrite, or `batch_norm` has the wrong type.
-        ValueError: if `batch_norm` is `False` or has invalid options.
+        ValueError: if `batch_norm` is `False` or has invalid options; with
+            `data`, if the model is not built or a BatchNormalization's
+            output cannot be kept (see above).
 
     Example:
 
@@ -104,11 +118,110 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
             "or leave `data` out."
         )
     graph = graph_module.walk(model)
-    plan, inserted = _plan(graph, options, batch_norm)
+    plan, finish = _plan(graph, options, batch_norm, keep=data is not None, model_name=model.name)
     result = rewrite.apply(model, plan, graph.flat)
-    if data is not None:
-        _keep_predictions(result, inserted, data_module.batches_of(data, batch_size, steps))
+    finish(result, data_module.batches_of(data, batch_size, steps) if data is not None else None)
     return result
+
+
+def _plan(graph, options, batch_norm, keep, model_name):
+    """The rewrite (each linear layer replaced by its unit, taken-over BNs dropped) and how to finish it.
+
+    Returns:
+        (`rewrite.Plan`, finish): `finish(result, batches)` sets the weights
+        that keep the predictions, once the result is built (`batches` is
+        `None` without data).
+    """
+
+    def sequential(model, tensor, layers, unit_sizes):
+        return Sequential._assemble(
+            layers, unit_sizes, tensor, name=model.name, trainable=model.trainable, batch_norm=batch_norm
+        )
+
+    plan = rewrite.Plan("batch_normalize", sequential)
+    copies, originals = {}, {}  # id(original linear layer) -> its copy, and the layer
+    inserted = []  # (new BatchNormalization, the original linear layer before it): calibrated on data
+    corrected = []  # (taken-over BatchNormalization, its new one, the original linear layer)
+    forward = []  # (BatchNormalization after an activation, the linear layer it folds forward into)
+    taken = {layer.name for layer in graph.layers}
+    for layer in graph.layers:
+        if not rules.is_linear(layer):
+            continue
+        why = rewrite.why_not_copied(layer)
+        if why is not None:
+            notices.warn(
+                f"batch_normalize keeps {rules.describe(layer)} as it is, without BatchNormalization: {why}. "
+                "Normalize it by hand (use_bias=False, BatchNormalization, then the activation)."
+            )
+            continue
+        existing, after_activation = _existing_batch_norm(graph, layer)
+        name = None
+        layer_options = options
+        if existing is not None:
+            plan.drop.add(id(existing))
+            taken.discard(existing.name)
+            layer_options, name = rewrite.batch_norm_options(existing), existing.name
+        unit, carry = rewrite.normalized_copy(layer, layer_options, taken, batch_norm_name=name)
+        for message in unit.warnings:
+            notices.warn(message)
+        copies[id(layer)], originals[id(layer)] = unit.layers[0], layer
+        plan.replace[id(layer)] = unit.layers
+        plan.finish.append(carry)
+        new_bn = unit.layers[1]
+        if existing is None:
+            inserted.append((new_bn, layer))
+        elif after_activation:
+            # Its affine map acts after the activation: moving it before the activation keeps the
+            # predictions only if the map folds forward into the next linear layer.
+            plan.finish.append(lambda source=existing, target=new_bn: _carry_weights(source, target))
+            if keep:
+                target, why_not = fold_module.forward_target(graph, existing)
+                if target is None or rewrite.why_not_copied(target) is not None:
+                    why_not = why_not or (
+                        "its output does not go to one linear layer alone"
+                        if target is None
+                        else f"{rules.describe(target)} cannot be re-created"
+                    )
+                    raise ValueError(
+                        f"batch_normalize(data=...) cannot keep the predictions of model "
+                        f"'{model_name}': {rules.describe(existing)} normalizes the output of the "
+                        f"activation of {rules.describe(layer)}, and moving it before the activation loses the "
+                        f"affine map it applies there, which cannot fold forward into the layer after it "
+                        f"({why_not}). Leave `data` out (the model is rewritten, its new statistics start "
+                        "afresh), or place that BatchNormalization before the activation yourself."
+                    )
+                forward.append((existing, target))
+                inserted.append((new_bn, layer))
+        else:
+            shape = graph.output_shape(layer)
+            rank = len(shape) if shape is not None else rules.output_rank(layer)
+            if keep and not rules.same_axis(existing.axis, rules.channel_axis(layer), rank):
+                raise ValueError(
+                    f"batch_normalize(data=...) cannot keep the predictions of model '{model_name}': "
+                    f"{rules.describe(existing)} normalizes axis {existing.axis}, not the channel axis "
+                    f"{rules.channel_axis(layer)} of {rules.describe(layer)}, so its statistics do not carry "
+                    "over to the BatchNormalization that replaces it. Leave `data` out, or fix its axis first."
+                )
+            plan.finish.append(lambda source=existing, target=new_bn: _carry_weights(source, target))
+            corrected.append((existing, new_bn, layer))
+
+    def finish(result, batches):
+        biases = {key: _bias_of(layer) for key, layer in originals.items()}
+        for bn, target in forward:
+            copy = copies[id(target)]
+            scale, shift = fold_module.affine_of(bn)
+            kernel, bias = fold_module.forward_folded_weights(target, scale, shift, bias=biases[id(target)])
+            copy.kernel.assign(kernel.astype(keras.backend.standardize_dtype(copy.kernel.dtype)))
+            biases[id(target)] = bias
+        for existing, new_bn, layer in corrected:
+            if _same_shapes(existing, new_bn):
+                # BN(Wx + b) with mean m is BN(Wx) with mean m - b: the taken-over layer keeps its output.
+                mean = keras.ops.convert_to_numpy(existing.moving_mean).astype(np.float64) - biases[id(layer)]
+                new_bn.moving_mean.assign(mean.astype(keras.backend.standardize_dtype(new_bn.moving_mean.dtype)))
+        if batches is not None:
+            _keep_predictions(result, [(bn, biases[id(layer)]) for bn, layer in inserted], batches)
+
+    return plan, finish
 
 
 def _keep_predictions(model, inserted, batches):
@@ -135,39 +248,6 @@ def _set_affine(bn, bias):
         bn.beta.assign((mean + bias).astype(bn.beta.dtype))
 
 
-def _plan(graph, options, batch_norm):
-    """The rewrite: each linear layer replaced by its unit, taken-over BNs dropped."""
-
-    def sequential(model, tensor, layers, unit_sizes):
-        return Sequential._assemble(
-            layers, unit_sizes, tensor, name=model.name, trainable=model.trainable, batch_norm=batch_norm
-        )
-
-    plan = rewrite.Plan("batch_normalize", sequential)
-    inserted = []  # (new BatchNormalization, the bias its layer had: a callable giving an array)
-    taken = {layer.name for layer in graph.layers}
-    for layer in graph.layers:
-        if not rules.is_linear(layer):
-            continue
-        existing = _existing_batch_norm(graph, layer)
-        name = None
-        layer_options = options
-        if existing is not None:
-            plan.drop.add(id(existing))
-            taken.discard(existing.name)
-            layer_options, name = rewrite.batch_norm_options(existing), existing.name
-        unit, carry = rewrite.normalized_copy(layer, layer_options, taken, batch_norm_name=name)
-        for message in unit.warnings:
-            notices.warn(message)
-        plan.replace[id(layer)] = unit.layers
-        plan.finish.append(carry)
-        if existing is not None:
-            plan.finish.append(lambda source=existing, target=unit.layers[1]: _carry_weights(source, target))
-        else:
-            inserted.append((unit.layers[1], _bias_of(layer)))
-    return plan, inserted
-
-
 def _bias_of(layer):
     """The bias a linear layer adds, as float64 (zeros when it has none)."""
     if not (layer.use_bias and layer.built):
@@ -175,34 +255,39 @@ def _bias_of(layer):
     return keras.ops.convert_to_numpy(layer.bias).astype(np.float64)
 
 
+def _same_shapes(source, target):
+    return [tuple(w.shape) for w in source.weights] == [tuple(w.shape) for w in target.weights]
+
+
 def _carry_weights(source, target):
     """A taken-over BatchNormalization keeps its weights (where their shapes still fit)."""
-    if [tuple(w.shape) for w in source.weights] == [tuple(w.shape) for w in target.weights]:
+    if _same_shapes(source, target):
         for original, new in zip(source.weights, target.weights):
             new.assign(original)
 
 
 def _existing_batch_norm(graph, layer):
-    """The BatchNormalization right after `layer` that can become its own.
+    """The BatchNormalization right after `layer` that can become its own, and whether it follows an activation.
 
-    Either `layer -> BatchNormalization`, or, when the layer's own activation
-    is the identity, `layer -> activation layer -> BatchNormalization`; each
-    step the only user of the one before, all in the same model.
+    Either `layer -> BatchNormalization` (after the layer's own activation,
+    if it has one), or, when the layer's own activation is the identity,
+    `layer -> activation layer -> BatchNormalization`; each step the only
+    user of the one before, all in the same model. `(None, False)` if none.
     """
     parent = graph.parents.get(id(layer))
     step = layer
     for _ in range(2):
         consumers = graph.consumers(step)
         if len(consumers) != 1 or not graph.feeds_only(step, consumers[0]):
-            return None
+            return None, False
         (following,) = consumers
         if graph.parents.get(id(following)) is not parent:
-            return None
+            return None, False
         if isinstance(following, keras.layers.BatchNormalization):
-            return following
+            return following, step is not layer or not rules.is_identity(layer.activation)
         if step is not layer or not isinstance(following, rules.ACTIVATION_LAYERS):
-            return None
+            return None, False
         if not rules.is_identity(layer.activation):
-            return None
+            return None, False
         step = following
-    return None
+    return None, False

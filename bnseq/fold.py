@@ -268,7 +268,7 @@ def _decide(graph):
         if reason is None:
             decisions.append((layer, producer, FoldDecision(layer.name, name, True, ""), None))
             continue
-        consumer, why_not_forward_reason = _forward_target(graph, layer)
+        consumer, why_not_forward_reason = forward_target(graph, layer)
         if consumer is not None:
             decisions.append((layer, None, FoldDecision(layer.name, name, True, "", into=consumer.name), consumer))
             continue
@@ -280,7 +280,7 @@ def _decide(graph):
     return decisions
 
 
-def _forward_target(graph, bn):
+def forward_target(graph, bn):
     """(the linear layer `bn` can fold forward into, None), or (None, why not or "")."""
     consumers = graph.consumers(bn)
     if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
@@ -497,10 +497,10 @@ def _weights_with(layer, before, after):
     kernels = [np.asarray(each, np.float64) for each in (weights[:-1] if layer.use_bias else weights)]
     bias = np.asarray(weights[-1], np.float64) if layer.use_bias else 0.0
     if before is not None:  # a single kernel (why_not_forward)
-        kernel, bias = forward_folded_weights(layer, *_affine(before), kernel=kernels[0], bias=bias)
+        kernel, bias = forward_folded_weights(layer, *affine_of(before), kernel=kernels[0], bias=bias)
         kernels = [kernel]
     if after is not None:
-        scale, shift = _affine(after)
+        scale, shift = affine_of(after)
         kernels = [*kernels[:-1], scale_kernel(kernels[-1], scale, _layout(layer))]
         bias = scale * bias + shift
     bias_dtype = weights[-1].dtype if layer.use_bias else weights[0].dtype
@@ -510,7 +510,8 @@ def _weights_with(layer, before, after):
     ]
 
 
-def _affine(bn):
+def affine_of(bn):
+    """`batch_norm_affine` of a built BatchNormalization layer: its `(scale, shift)` at inference."""
     return batch_norm_affine(
         keras.ops.convert_to_numpy(bn.moving_mean),
         keras.ops.convert_to_numpy(bn.moving_variance),

@@ -152,8 +152,32 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None, activat
 
 
 def fresh_copy(layer):
-    """A new, unbuilt layer with the same configuration (a known linear class)."""
+    """A new, unbuilt layer with the same configuration (a known linear class: see `why_not_copied`)."""
     return layer.__class__.from_config(layer.get_config())
+
+
+def why_not_copied(layer):
+    """Why a linear layer cannot be re-created from its config without risk, or `None`.
+
+    Only Keras's own classes, with no weights beyond kernels and bias, come
+    back whole from `get_config()`: a subclass may take `__init__` arguments
+    its config leaves out, and a quantized or LoRA layer holds state a fresh
+    layer would not have.
+    """
+    if type(layer) not in rules.LINEAR_LAYERS:
+        base = next(kind for kind in rules.LINEAR_LAYERS if isinstance(layer, kind))
+        return (
+            f"it is a subclass of {base.__name__}, which bnseq does not re-create from its config "
+            "(a config may leave out what the subclass's __init__ takes)"
+        )
+    if getattr(layer, "quantization_mode", None) is not None:
+        return f"it is quantized ({layer.quantization_mode})"
+    if getattr(layer, "lora_enabled", False):
+        return "it has LoRA weights"
+    kernels = 2 if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)) else 1
+    if layer.built and len(layer.weights) != kernels + int(layer.use_bias):
+        return "it has weights beyond its kernel and bias"
+    return None
 
 
 def normalized_copy(layer, options, taken, batch_norm_name=None):

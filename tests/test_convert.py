@@ -166,3 +166,147 @@ def test_error_subclassed_model():
     message = "batch_normalize could not read Net 'net', a subclassed model: it holds no layer bnseq rewrites."
     with pytest.raises(TypeError, match=re.escape(message)):
         bnseq.batch_normalize(Net())
+
+
+# A preserving rewrite: whatever the original normalized, data= keeps its predictions ---------------
+
+
+def trained_like(model, seed):
+    """Non-zero biases and stale, non-trivial statistics, as training leaves them."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0.5, 1.0, channels))
+            layer.moving_variance.assign(rng.uniform(0.5, 3.0, channels))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+            layer.beta.assign(rng.normal(0.0, 0.5, channels))
+        elif getattr(layer, "use_bias", False) and getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.normal(0.0, 1.0, layer.bias.shape))
+    return model
+
+
+def predicted(model, x):
+    if bnseq.probes.needs_xla(model):  # no channels_first kernels on this machine: XLA, as predict cannot
+        return keras.ops.convert_to_numpy(bnseq.probes.infer(model, x))
+    return model.predict(x, verbose=0)
+
+
+def relative(model, other, x):
+    expected, actual = predicted(model, x), predicted(other, x)
+    return float(np.max(np.abs(expected - actual)) / np.max(np.abs(expected)))
+
+
+STACKS = {
+    "bias, BN, ReLU": lambda: [layers.Dense(8), layers.BatchNormalization(), layers.ReLU(), layers.Dense(3)],
+    "Dense(relu), BN": lambda: [layers.Dense(8, activation="relu"), layers.BatchNormalization(), layers.Dense(3)],
+    "Dense, ReLU layer, BN": lambda: [
+        layers.Dense(8), layers.Activation("relu"), layers.BatchNormalization(), layers.Dense(3, activation="tanh")
+    ],
+    "two after activations": lambda: [
+        layers.Dense(8, activation="relu"), layers.BatchNormalization(), layers.Dense(6, activation="elu"),
+        layers.BatchNormalization(), layers.Dense(3),
+    ],
+    "after activation into one with its own": lambda: [
+        layers.Dense(8, activation="sigmoid"), layers.BatchNormalization(), layers.Dense(6),
+        layers.BatchNormalization(), layers.ReLU(), layers.Dense(2),
+    ],
+}
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_batch_normalize_with_data_keeps_predictions_whatever_it_takes_over(stack):
+    model = trained_like(keras.Sequential([keras.Input((5,)), *STACKS[stack]()]), 1)
+    x = np.random.default_rng(2).normal(1.0, 2.0, size=(48, 5)).astype("float32")
+    fixed = bnseq.batch_normalize(model, data=x, batch_size=16)
+    assert bnseq.lint(fixed) == []
+    assert relative(model, fixed, x) <= 1e-5
+    # Data the calibration never saw: the rewrite is exact, not fitted.
+    other = np.random.default_rng(3).normal(-1.0, 0.5, size=(16, 5)).astype("float32")
+    assert relative(model, fixed, other) <= 1e-5
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_batch_normalize_convolutions_keeps_predictions(data_format):
+    shape = (7, 7, 3) if data_format == "channels_last" else (3, 7, 7)
+    axis = -1 if data_format == "channels_last" else 1
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(4, 3, padding="same", data_format=data_format)(inputs)
+    x = layers.BatchNormalization(axis=axis)(x)  # after a conv with a bias
+    x = layers.LeakyReLU(0.2)(x)
+    x = layers.Conv2D(4, 3, activation="relu", data_format=data_format)(x)
+    x = layers.BatchNormalization(axis=axis)(x)  # after the activation, into a 1x1 conv
+    # 6 output channels, not 5: a channels_first layer with as many channels as its last spatial size
+    # gets its bias on the wrong axis where TensorFlow has no NCHW kernels (probes.bias_add_is_sound):
+    # the original itself would compute wrongly.
+    x = layers.Conv2D(6, 1, padding="same", data_format=data_format)(x)
+    model = trained_like(keras.Model(inputs, x), 4)
+    data = np.random.default_rng(5).normal(size=(12, *shape)).astype("float32")
+    fixed = bnseq.batch_normalize(model, data=data, batch_size=5)
+    assert bnseq.lint(fixed) == []
+    assert relative(model, fixed, data) <= 1e-5
+
+
+def test_without_data_a_taken_over_batch_norm_still_computes_what_it_did():
+    # A bias before a BatchNormalization goes: the statistics move by it, the output stays.
+    model = trained_like(keras.Sequential([keras.Input((5,)), layers.Dense(8), layers.BatchNormalization(),
+                                           layers.ReLU()]), 6)
+    fixed = bnseq.batch_normalize(model)
+    x = np.random.default_rng(7).normal(size=(16, 5)).astype("float32")
+    assert not fixed.layers[0].use_bias
+    assert relative(model, fixed, x) <= 1e-5
+
+
+def test_resnet50_with_conv_biases_keeps_its_predictions():
+    model = trained_like(keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=5), 8)
+    x = np.random.default_rng(9).normal(size=(8, 32, 32, 3)).astype("float32")
+    fixed = bnseq.batch_normalize(model, data=x, batch_size=8)
+    expected, actual = predicted(model, x), predicted(fixed, x)
+    assert np.max(np.abs(expected - actual)) <= 1e-4 * np.max(np.abs(expected))
+    assert (expected.argmax(-1) == actual.argmax(-1)).all()
+
+
+def test_refuses_with_data_where_the_affine_map_cannot_move():
+    model = trained_like(keras.Sequential([keras.Input((5,)), layers.Dense(8, activation="relu", name="d"),
+                                           layers.BatchNormalization(name="late")]), 10)
+    x = np.ones((4, 5), "float32")
+    with pytest.raises(ValueError) as error:
+        bnseq.batch_normalize(model, data=x)
+    assert str(error.value).startswith(
+        f"batch_normalize(data=...) cannot keep the predictions of model '{model.name}': BatchNormalization "
+        "'late' normalizes the output of the activation of Dense 'd'"
+    )
+    assert "Leave `data` out" in str(error.value)
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(4, 3, activation="relu", name="c")(inputs)
+    x = layers.BatchNormalization(name="late")(x)
+    padded = keras.Model(inputs, layers.Conv2D(2, 3, padding="same", name="p")(x))
+    with pytest.raises(ValueError, match="Conv2D 'p' pads its input"):
+        bnseq.batch_normalize(trained_like(padded, 11), data=np.ones((2, 6, 6, 3), "float32"))
+    bnseq.batch_normalize(padded)  # without data it rewrites (the new statistics start afresh)
+
+
+class ScaledDense(layers.Dense):
+    """A Dense subclass whose config leaves out `factor`."""
+
+    def __init__(self, units, factor=1.0, **kwargs):
+        super().__init__(units, **kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        return super().call(inputs) * self.factor
+
+
+def test_layers_it_cannot_recreate_are_kept_whole_with_a_warning():
+    model = keras.Sequential([keras.Input((5,)), ScaledDense(4, factor=3.0, name="scaled"), layers.Dense(2)])
+    x = np.random.default_rng(12).normal(size=(16, 5)).astype("float32")
+    expected = "keeps ScaledDense .scaled. as it is.*a subclass of Dense"
+    with pytest.warns(bnseq.BatchNormPlacementWarning, match=expected):
+        fixed = bnseq.batch_normalize(model, data=x)
+    assert fixed.get_layer("scaled") is model.get_layer("scaled")
+    assert relative(model, fixed, x) <= 1e-6
+    quantized = keras.Sequential([keras.Input((5,)), layers.Dense(4, name="q"), layers.Dense(2, name="plain")])
+    quantized.get_layer("q").quantize("int8")
+    with pytest.warns(bnseq.BatchNormPlacementWarning, match="keeps Dense 'q' as it is.*quantized \\(int8\\)"):
+        fixed = bnseq.batch_normalize(quantized, data=x)
+    assert relative(quantized, fixed, x) <= 1e-5

@@ -279,3 +279,13 @@ def test_subclassed_layer_holding_batch_norm_is_read_through():
         f"first: folded into {model.layers[1].dense.name}",
         "second: kept, it follows BatchNormalization 'first', which is not a linear layer",
     ]
+
+
+def test_backbone_batch_normalize_with_data_keeps_predictions(backbone):
+    name, model = backbone
+    rng = np.random.default_rng(3)
+    original = [np.array(weight) for weight in model.get_weights()]
+    x = rng.normal(size=(8, *model.inputs[0].shape[1:])).astype("float32")
+    fixed = bnseq.batch_normalize(model, data=x, batch_size=4)
+    assert relative_error(model, fixed, x) <= 1e-4
+    assert all(np.array_equal(a, b) for a, b in zip(original, model.get_weights()))  # the original untouched

@@ -512,12 +512,12 @@ def test_masked_positions_are_not_counted_as_keras_counts_them(kind):
     keep = x != 0
     # An independent oracle: each BN's input in inference, the masked positions dropped.
     for name, before in (("bn1", "d1"), ("bn2", "d2")):
-        upstream = keras.Model(model.input, model.get_layer(before).output)
+        upstream = keras.Model(model.inputs[0], model.get_layer(before).output)
         values = np.asarray(upstream(x, training=False), np.float64)[keep]
         assert_statistics(model.get_layer(name), values.mean(0), values.var(0))
     # Keras's own batch statistics on one batch agree with the masked moments.
     bn = model.get_layer("bn1")
-    upstream = keras.Model(model.input, model.get_layer("d1").output)
+    upstream = keras.Model(model.inputs[0], model.get_layer("d1").output)
     inputs = upstream(x[:10], training=False)
     mean, variance = bn._moments(inputs, keras.ops.convert_to_tensor(x[:10] != 0))  # Keras private, the oracle
     one = scramble(masked_model(kind), 5)
