@@ -337,9 +337,9 @@ def _why_not(graph, producer, bn):
             "along the last axis in eager calls; folding would change the "
             "outputs"
         )
-    expected = 2 if isinstance(producer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)) else 1
-    if len(producer.weights) != expected + int(producer.use_bias):
-        return f"{rules.describe(producer)} has weights beyond kernel and bias (quantized or LoRA)"
+    why = rewrite.why_not_copied(producer)  # folding re-creates it from its config
+    if why is not None:
+        return f"{rules.describe(producer)} cannot be re-created from its config: {why}"
     return None
 
 

@@ -450,3 +450,30 @@ def test_fold_forward_not_into_a_padding_conv_or_a_shared_output():
     assert not bnseq.fold_report(two)[0].folded
     x = rng(12).normal(size=(2, 6, 6, 3)).astype("float32")
     assert relative_error(model, bnseq.fold(model), x) <= 1e-6
+
+
+class OffsetDense(layers.Dense):
+    """A Dense subclass with an `__init__` argument its config leaves out."""
+
+    def __init__(self, units, offset=0.0, **kwargs):
+        super().__init__(units, **kwargs)
+        self.offset = offset
+
+    def call(self, inputs):
+        return super().call(inputs) + self.offset
+
+
+def test_fold_never_recreates_a_subclass_or_a_quantized_layer():
+    model = keras.Sequential([
+        keras.Input((4,)), OffsetDense(3, offset=2.0, use_bias=False, name="sub"), layers.BatchNormalization(name="a"),
+        layers.Dense(3, use_bias=False, name="q"), layers.BatchNormalization(name="b"),
+    ])
+    model.get_layer("q").quantize("int8")
+    randomize_statistics(model)
+    folded, report = bnseq.fold_with_report(model)
+    reasons = {d.batch_norm: d.reason for d in report}
+    assert "OffsetDense 'sub' cannot be re-created from its config: it is a subclass of Dense" in reasons["a"]
+    assert "Dense 'q' cannot be re-created from its config: it is quantized (int8)" in reasons["b"]
+    assert folded.get_layer("sub") is model.get_layer("sub")
+    x = rng(13).normal(size=(4, 4)).astype("float32")
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
