@@ -292,7 +292,7 @@ def _saved_model(path, inputs, threads):
 
 def _keras(path, inputs, threads):
     loaded = keras.saving.load_model(path)
-    return lambda: probes.infer(loaded, _as_call_input(inputs))
+    return lambda: probes.predicted(loaded, _as_call_input(inputs))  # as a user runs it: predict
 
 
 def _sample(model, sample):

@@ -7,6 +7,10 @@ with a tiny computation instead of being assumed from a version number.
 - `bias_add_is_sound()`: Keras 3.15's TensorFlow `ops.add` turns an add of a
   bias-shaped tensor into `tf.nn.bias_add`, guessing the layout from the input
   shape alone, so a channels_first bias can land on the last axis.
+- `leaky_relu_fusion_is_sound()`: TensorFlow's graph optimizer, with oneDNN,
+  fuses a convolution, its bias, an add and a LeakyReLU into one kernel that
+  uses the LeakyRelu op's default slope (0.2) instead of the layer's: `predict`
+  is wrong where the eager call is right.
 - `channels_first_runs()`: TensorFlow has CPU kernels for channels_first (NCHW)
   convolutions and pooling only through oneDNN, which it turns on by default
   only on CPUs with AVX-512 (keras-team/keras#23650). Elsewhere `model(x)`,
@@ -33,6 +37,36 @@ def bias_add_is_sound():
         keras.ops.reshape(keras.ops.convert_to_tensor([0.0, 1.0]), (1, 2, 1, 1)),
     )
     return bool(np.allclose(keras.ops.convert_to_numpy(probe)[0, :, 0, 0], [0.0, 1.0]))
+
+
+@functools.cache
+def leaky_relu_fusion_is_sound():
+    """Whether `Conv2D` (with bias) -> add -> LeakyReLU computes the same in a graph as eagerly.
+
+    With oneDNN, TensorFlow's grappler remapper rewrites Conv2D + BiasAdd + Add +
+    LeakyRelu into one `_FusedConv2D` that loses the slope (it applies the
+    op's default, 0.2): at slope 0.01 a result 13% off, under `predict` and in
+    every `tf.function`, while eager calls are right. The same class of defect
+    as tensorflow/tensorflow#57515 (the fused op missing `leakyrelu_alpha`).
+    Always `True` off TensorFlow.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.normal(size=(1, 3, 3, 2)), tf.float32)
+    other = tf.constant(rng.normal(size=(1, 3, 3, 2)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(1, 1, 2, 2)), tf.float32)
+    bias = tf.constant([0.5, -0.5], tf.float32)
+
+    def computation(image, other):
+        features = tf.nn.bias_add(tf.nn.conv2d(image, kernel, 1, "VALID"), bias)
+        return tf.nn.leaky_relu(features + other, alpha=0.5)
+
+    eager = computation(image, other).numpy()
+    graph = tf.function(computation, autograph=False)(image, other).numpy()
+    return bool(np.allclose(eager, graph, rtol=1e-5, atol=1e-6))
 
 
 @functools.cache
@@ -85,6 +119,21 @@ def infer(model, inputs, training=False):
     else:
         outputs = model(inputs, training=training)
     return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
+
+
+def predicted(model, inputs):
+    """`model` on `inputs` as `predict` computes it, as NumPy.
+
+    Compiled as Keras compiles `predict` (on TensorFlow a graph, which
+    TensorFlow's optimizer rewrites: `leaky_relu_fusion_is_sound`), or by XLA
+    where `needs_xla(model)`. Equivalences bnseq reports are measured with
+    this, not only with eager calls.
+    """
+    if needs_xla(model):
+        return infer(model, inputs)
+    batch = len(keras.tree.flatten(inputs)[0])
+    outputs = model.predict(inputs, batch_size=batch, verbose=0)
+    return keras.tree.map_structure(np.asarray, outputs)
 
 
 _warned = set()

@@ -14,6 +14,7 @@ import bnseq
 from bnseq import probes
 from bnseq.fold import batch_norm_affine
 from bnseq.fold import folded_weights
+from bnseq.fold import probe_difference
 from bnseq.fold import scale_kernel
 from bnseq.probes import infer
 
@@ -477,3 +478,58 @@ def test_fold_never_recreates_a_subclass_or_a_quantized_layer():
     assert folded.get_layer("sub") is model.get_layer("sub")
     x = rng(13).normal(size=(4, 4)).astype("float32")
     np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+
+
+# Checked as predict runs it: TensorFlow's oneDNN fusion of conv + bias + add + LeakyReLU ------------
+
+
+def conv_add_leaky(bias, slope=0.01, with_bn=False):
+    image, other = keras.Input((6, 6, 3)), keras.Input((6, 6, 4))
+    x = layers.Conv2D(4, 3, padding="same", use_bias=bias, name="conv")(image)
+    if with_bn:
+        x = layers.BatchNormalization(name="bn")(x)
+    x = layers.LeakyReLU(slope, name="leaky")(layers.Add(name="add")([x, other]))
+    model = keras.Model([image, other], x)
+    if bias:
+        model.get_layer("conv").bias.assign(rng(20).normal(size=4))
+    return model
+
+
+def test_the_fusion_probe_tells_what_plain_keras_computes_under_predict():
+    model = conv_add_leaky(bias=True)
+    x = [rng(21).normal(size=(2, 6, 6, 3)).astype("float32"), rng(22).normal(size=(2, 6, 6, 4)).astype("float32")]
+    eager, compiled = infer(model, x), probes.predicted(model, x)
+    wrong = float(np.max(np.abs(eager - compiled)) / np.max(np.abs(eager)))
+    assert (wrong > 1e-2) == (not probes.leaky_relu_fusion_is_sound())
+    without_bias = conv_add_leaky(bias=False)
+    assert np.allclose(infer(without_bias, x), probes.predicted(without_bias, x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_gives_a_model_whose_predict_is_right_where_the_fusion_is_wrong():
+    model = conv_add_leaky(bias=False, with_bn=True)
+    randomize_statistics(model)
+    folded, report = bnseq.fold_with_report(model)
+    (decision,) = report
+    if probes.leaky_relu_fusion_is_sound():
+        assert decision.folded
+    else:
+        assert not decision.folded and "TensorFlow with oneDNN fuses into one kernel" in decision.reason
+    x = [rng(23).normal(size=(2, 6, 6, 3)).astype("float32"), rng(24).normal(size=(2, 6, 6, 4)).astype("float32")]
+    expected = infer(model, x)
+    for actual in (probes.predicted(folded, x), infer(folded, x)):
+        assert float(np.max(np.abs(expected - actual)) / np.max(np.abs(expected))) <= 1e-5
+    _, relative = probe_difference(model, folded)
+    assert relative <= 1e-5
+
+
+def test_probe_difference_sees_what_only_predict_gets_wrong():
+    # The check itself: a folded model wrong only under predict is reported, not hidden by an eager call.
+    model = conv_add_leaky(bias=False, with_bn=True)
+    randomize_statistics(model)
+    with mock.patch.object(probes, "leaky_relu_fusion_is_sound", return_value=True):
+        forced = bnseq.fold(model)  # folds into the fused pattern regardless
+    _, relative = probe_difference(model, forced)
+    if probes.leaky_relu_fusion_is_sound():
+        assert relative <= 1e-5
+    else:
+        assert relative > 1e-2

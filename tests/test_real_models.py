@@ -11,6 +11,7 @@ import pytest
 from keras import layers
 
 import bnseq
+from bnseq import probes
 from bnseq.probes import infer
 from tests.backbones import batch_norms
 from tests.test_fold import randomize_statistics
@@ -66,6 +67,21 @@ def cspnet():
     )
 
 
+def cspnet_bottleneck():
+    # conv -> BN -> add -> LeakyReLU: folded, the pattern TensorFlow's oneDNN fuses wrongly under predict
+    return M.CSPNetBackbone(
+        stem_filters=8,
+        stem_kernel_size=3,
+        stem_strides=1,
+        stackwise_depth=[1, 1],
+        stackwise_strides=[1, 2],
+        stackwise_num_filters=[8, 16],
+        block_type="bottleneck_block",
+        stage_type="dark",
+        image_shape=(32, 32, 3),
+    )
+
+
 def efficientnet():
     # num_features stays at its default: keras-hub 0.32 reloads a saved
     # EfficientNetBackbone with a 1280-filter top_conv whatever was given.
@@ -111,6 +127,7 @@ BACKBONES = {
     "densenet": densenet,
     "vgg": vgg,
     "cspnet": cspnet,
+    "cspnet_bottleneck": cspnet_bottleneck,
     "efficientnet": efficientnet,
     "mobilenet": mobilenet,
 }
@@ -149,6 +166,8 @@ def test_backbone_fold_equals_the_original(backbone):
     assert len(left) == sum(not d.folded for d in report)
     x = np.random.default_rng(2).normal(size=(2, *model.inputs[0].shape[1:])).astype("float32")
     assert relative_error(model, folded, x) <= 1e-4
+    expected, compiled = infer(model, x), probes.predicted(folded, x)  # as predict runs it, too
+    assert float(np.max(np.abs(expected - compiled)) / np.max(np.abs(expected))) <= 1e-4
 
 
 def test_backbone_batch_normalize_and_saved_file(backbone, tmp_path):
