@@ -13,6 +13,7 @@ using it saves and loads where bnseq is not installed, and `lint`, `fold` and
 import keras
 from keras import layers
 
+from bnseq import layout
 from bnseq import notices
 from bnseq import rules
 
@@ -64,7 +65,7 @@ class BatchNormalization(layers.BatchNormalization):
     def __call__(self, inputs, *args, **kwargs):
         if type(self) is BatchNormalization:
             producer = _producer(inputs)
-            self.settle(_axis_after(producer, inputs))
+            self.settle(_axis_after(inputs))
             if producer is not None:
                 for _, message in rules.placement_problems(producer, self):
                     notices.warn(message)
@@ -96,32 +97,22 @@ def _producer(tensor):
     return operation
 
 
-def _axis_after(producer, tensor):
-    """The channel axis of `tensor`, read from the layers that produced it."""
+def _axis_after(tensor):
+    """The channel axis of `tensor` by `layout.py`'s rule, as an index; raises where it is unknown."""
+    if hasattr(tensor, "_keras_history"):
+        axis = layout.axis_of_tensor(tensor)
+        where = "what produced it"
+    else:
+        axis = layout.source_axis(tuple(tensor.shape))
+        where = "a tensor no layer produced"
     rank = len(tensor.shape)
-    for _ in range(16):  # through shape-keeping layers, to the one that decides
-        if producer is None:
-            break
-        if rules.is_linear(producer) or isinstance(producer, layers.BatchNormalization):
-            return rules.channel_axis(producer) if rules.is_linear(producer) else producer.axis
-        if rank == 2:
-            return -1
-        data_format = getattr(producer, "data_format", None)
-        if data_format in ("channels_first", "channels_last"):
-            return 1 if data_format == "channels_first" else -1
-        try:
-            same_shape = tuple(producer.input.shape) == tuple(producer.output.shape)
-        except (AttributeError, ValueError, TypeError):
-            same_shape = False
-        if not same_shape:
-            break
-        producer = _producer(producer.input)
-    if rank <= 2 or keras.config.image_data_format() == "channels_last":
-        return -1
+    if axis is not None:
+        return -1 if axis == rank - 1 else axis  # written as Keras writes the last axis
+
     raise ValueError(
-        f"bnseq.BatchNormalization cannot tell the channel axis of a rank-{rank} "
-        "tensor that no linear, pooling or other data_format layer produced, "
-        "while keras.config.image_data_format() is 'channels_first': it may be "
-        "images (axis 1) or a sequence (axis -1). Pass `axis=` explicitly. "
-        f"Received: input shape {tuple(tensor.shape)}"
+        f"bnseq.BatchNormalization cannot tell the channel axis of its rank-{rank} input from {where} "
+        "(after a Reshape, a Permute, a merge of inputs that disagree, a custom layer or Lambda, or a "
+        "model input while keras.config.image_data_format() is 'channels_first', where images and "
+        "sequences look alike), and it does not guess. Pass `axis=` explicitly "
+        f"(1 for channels_first images, -1 for channels last). Received: input shape {tuple(tensor.shape)}"
     )

@@ -52,6 +52,7 @@ import keras
 
 from bnseq import files
 from bnseq import graph as graph_module
+from bnseq import layout
 from bnseq import rules
 
 
@@ -115,6 +116,7 @@ def lint(model_or_path, *, safe_mode=True):
     """
     model = files.as_model(model_or_path, safe_mode=safe_mode)
     graph = graph_module.walk(model)
+    axes = layout.axes_of_graph(graph)
     findings = []
     for layer in graph.layers:
         hidden = graph.hidden_batch_norms(layer)
@@ -134,6 +136,9 @@ def lint(model_or_path, *, safe_mode=True):
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
         producer = graph.sole_producer(layer)
+        misplaced_axis = _axis_problem(graph, axes, layer, producer)
+        if misplaced_axis is not None:
+            findings.append(Finding("BN003", layer.name, misplaced_axis, getattr(producer, "name", None)))
         if producer is None:
             continue
         # The bias is wasted only if every user of the output normalizes it.
@@ -143,3 +148,23 @@ def lint(model_or_path, *, safe_mode=True):
         for code, message in rules.placement_problems(producer, layer, shared=shared):
             findings.append(Finding(code, layer.name, message, producer.name))
     return findings
+
+
+def _axis_problem(graph, axes, bn, producer):
+    """BN003 where the channels reach `bn` through layers that are not linear (merges, pooling, Permute...).
+
+    After a linear layer `rules.placement_problems` says it; here the axis
+    comes from `layout.py`'s propagation, and an unknown one says nothing.
+    """
+    if producer is not None and rules.is_linear(producer):
+        return None
+    expected = axes.get(id(bn))
+    shape = graph.output_shape(bn)
+    if expected is None or shape is None or rules.same_axis(bn.axis, expected, len(shape)):
+        return None
+    written = -1 if expected == len(shape) - 1 else expected
+    source = f"{rules.describe(producer)} and the layers before it" if producer is not None else "its inputs"
+    return (
+        f"{rules.describe(bn)} normalizes axis {bn.axis}, but the channels of its input are on axis "
+        f"{written} (read through {source}). Write `BatchNormalization(axis={written})`."
+    )

@@ -52,9 +52,11 @@ def test_axis_is_what_bnseq_sequential_chooses(kind, rank, data_format):
         ([layers.Conv2D(4, 3, data_format="channels_first"), layers.MaxPooling2D(data_format="channels_first")], 1),
         ([layers.Conv2D(4, 3), layers.MaxPooling2D()], -1),
         ([layers.Conv2D(4, 3, data_format="channels_first"), layers.Flatten()], -1),
-        ([layers.Conv2D(4, 3, data_format="channels_first"), layers.Reshape((4, 16))], -1),
+        ([layers.Conv2D(4, 3, data_format="channels_first"), layers.Reshape((4, 16))], 1),  # channels stay
+        ([layers.Conv2D(4, 3), layers.Reshape((16, 4))], -1),
+        ([layers.Conv2D(4, 3), layers.Permute((3, 1, 2))], 1),
     ],
-    ids=["relu", "dropout", "pool_first", "pool_last", "flatten", "reshape"],
+    ids=["relu", "dropout", "pool_first", "pool_last", "flatten", "reshape_first", "reshape_last", "permute"],
 )
 def test_axis_after_layers_that_are_not_linear(stack, axis):
     x = inputs = keras.Input((3, 6, 6) if "first" in str(stack[0].data_format) else (6, 6, 3))
@@ -103,12 +105,12 @@ def test_concrete_tensors():
             bn(np.ones((2, 3, 4, 4), "float32"))
     finally:
         keras.config.set_image_data_format("channels_last")
-    assert str(error.value) == (
-        "bnseq.BatchNormalization cannot tell the channel axis of a rank-4 tensor that no linear, pooling "
-        "or other data_format layer produced, while keras.config.image_data_format() is 'channels_first': it "
-        "may be images (axis 1) or a sequence (axis -1). Pass `axis=` explicitly. Received: input shape "
-        "(2, 3, 4, 4)"
+    assert str(error.value).startswith(
+        "bnseq.BatchNormalization cannot tell the channel axis of its rank-4 input from a tensor no layer "
+        "produced"
     )
+    assert "it does not guess. Pass `axis=` explicitly" in str(error.value)
+    assert str(error.value).endswith("Received: input shape (2, 3, 4, 4)")
     assert bnseq.layers.is_auto(bn)  # unchanged: it can still be called with a clear input
 
 
@@ -193,3 +195,63 @@ def test_the_readme_three_routes_agree():
             bnseq.BatchNormalization()(np.ones((1, 3, 4, 4), "float32"))
         finally:
             keras.config.set_image_data_format("channels_last")
+
+
+# The layout analysis: merges, Permute, Reshape, nested models; unknown raises ------------------------
+
+
+def first_conv(name, filters=4):
+    return layers.Conv2D(filters, 3, data_format="channels_first", use_bias=False, name=name)
+
+
+@pytest.mark.parametrize("merge", [layers.Add, layers.Multiply, layers.Subtract, layers.Maximum,
+                                   lambda: layers.Concatenate(axis=1)])
+def test_after_a_merge_of_channels_first_convolutions(merge):
+    inputs = keras.Input((3, 7, 7))
+    merged = merge()([first_conv("a")(inputs), first_conv("b")(inputs)])
+    bn = bnseq.BatchNormalization()
+    bn(merged)
+    assert bn.axis == 1 and bn.gamma.shape[0] == merged.shape[1]
+
+
+def test_square_permute_moves_the_axis():
+    inputs = keras.Input((5, 5))
+    x = layers.Conv1D(5, 1, use_bias=False)(inputs)  # (batch, 5, 5): channels last
+    bn = bnseq.BatchNormalization()
+    bn(layers.Permute((2, 1))(x))
+    assert bn.axis == 1  # the channels moved to axis 1, though the shape did not change
+
+
+def test_through_nested_models():
+    inner_inputs = keras.Input((3, 7, 7))
+    inner = keras.Model(inner_inputs, layers.ReLU()(first_conv("c")(inner_inputs)), name="inner")
+    inputs = keras.Input((3, 7, 7))
+    bn = bnseq.BatchNormalization()
+    bn(inner(inputs))
+    assert bn.axis == 1
+    sequential = keras.Sequential([keras.Input((3, 7, 7)), first_conv("s")], name="seq")
+    bn = bnseq.BatchNormalization()
+    bn(layers.Dropout(0.1)(sequential(inputs)))
+    assert bn.axis == 1
+    passthrough_inputs = keras.Input((4, 5, 5))
+    passthrough = keras.Model(passthrough_inputs, layers.ReLU()(passthrough_inputs))  # reads its caller's
+    bn = bnseq.BatchNormalization()
+    bn(passthrough(first_conv("p")(keras.Input((3, 7, 7)))))
+    assert bn.axis == 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: layers.Add()([x, layers.Permute((2, 3, 1))(x)]),  # inputs disagree
+        lambda x: layers.Lambda(lambda t: t * 2.0)(x),  # what a Lambda does is unknown
+        lambda x: layers.Reshape((16, 4))(x),  # (4, 4, 4) read as (16, 4): the channels are lost
+    ],
+    ids=["disagreeing_merge", "lambda", "reshape_lost"],
+)
+def test_unknown_raises_and_never_guesses(make):
+    x = make(first_conv("c", filters=4)(keras.Input((3, 6, 6))))  # (4, 4, 4)
+    bn = bnseq.BatchNormalization()
+    with pytest.raises(ValueError, match="it does not guess. Pass `axis=` explicitly"):
+        bn(x)
+    assert bnseq.layers.is_auto(bn)

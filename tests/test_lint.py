@@ -265,3 +265,30 @@ def test_bn001_when_every_user_normalizes():
     second = layers.BatchNormalization(name="bn2")(hidden)
     model = keras.Model(inputs, [first, second])
     assert codes(model) == [("BN001", "bn1"), ("BN001", "bn2")]
+
+
+# BN003 through merges, pooling and Permute ------------------------------------
+
+
+def test_bn003_after_a_merge_of_channels_first_convolutions():
+    inputs = keras.Input((3, 7, 7))
+    a = layers.Conv2D(4, 3, data_format="channels_first", use_bias=False, name="a")(inputs)
+    b = layers.Conv2D(4, 3, data_format="channels_first", use_bias=False, name="b")(inputs)
+    wrong = layers.BatchNormalization(name="wrong")(layers.Add(name="add")([a, b]))  # axis -1: the width
+    right = layers.BatchNormalization(axis=1, name="right")(layers.Concatenate(axis=1)([a, b]))
+    findings = bnseq.lint(keras.Model(inputs, [wrong, right]))
+    assert [(f.code, f.layer, f.producer) for f in findings] == [("BN003", "wrong", "add")]
+    assert findings[0].message == (
+        "BatchNormalization 'wrong' normalizes axis -1, but the channels of its input are on axis 1 (read "
+        "through Add 'add' and the layers before it). Write `BatchNormalization(axis=1)`."
+    )
+
+
+def test_bn003_after_pooling_and_permute_and_none_where_unknown():
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(4, 3, use_bias=False)(inputs)
+    pooled = layers.BatchNormalization(axis=1, name="pooled")(layers.MaxPooling2D()(x))
+    permuted = layers.BatchNormalization(axis=-1, name="permuted")(layers.Permute((3, 1, 2))(x))
+    unknown = layers.BatchNormalization(axis=1, name="unknown")(layers.Lambda(lambda t: t + 1.0)(x))
+    findings = bnseq.lint(keras.Model(inputs, [pooled, permuted, unknown]))
+    assert [(f.code, f.layer) for f in findings] == [("BN003", "pooled"), ("BN003", "permuted")]

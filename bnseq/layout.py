@@ -1,0 +1,219 @@
+"""Which axis holds the channels: one propagation rule, read two ways.
+
+A BatchNormalization normalizes one axis, the channels of what feeds it.
+Which axis that is depends on the layers before it: a channels_first
+convolution puts them on axis 1, a merge of such convolutions keeps them
+there, a `Permute` moves them, a `Reshape` may lose them. `transfer` is the
+one rule for a single operation (given the channel axes of its inputs, the
+channel axis of its output, or `None` for unknown); two walkers apply it:
+
+- `axis_of_tensor(tensor)` walks back from a Keras symbolic tensor through
+  the layers that produced it, into nested models: what
+  `bnseq.BatchNormalization(axis="auto")` reads when it is first called.
+- `axes_of_graph(flat)` runs forward over a flattened model (subclassed
+  blocks traced, `trace.py`): what `lint`'s BN003 reads.
+
+The rule, by kind of operation:
+
+- a linear layer or one with a `data_format` (pooling, upsampling, padding,
+  cropping): its format decides (`1` for channels_first, the last axis
+  otherwise);
+- any rank-2 output (Flatten, Dense features, global pooling): axis 1;
+- `Permute` maps the axis; `Reshape` keeps it when the channel axis stays
+  first or last with the same size; other reshaping operations (transposes,
+  einsum, squeeze) give unknown;
+- merges and other Keras layers and operations whose output has the shape of
+  their inputs pass the axis on when every input of that shape agrees;
+- a layer that is not Keras's own (a `Lambda`, a custom layer that was not
+  traced) gives unknown: its `call` may move axes;
+- a model input: axis 1 at rank 2; at higher rank the last axis under
+  `keras.config.image_data_format() == "channels_last"` (what every Keras
+  layer assumes there); unknown under channels_first, where images and
+  sequences cannot be told apart.
+
+Unknown stays unknown: `axis="auto"` then raises, asking for `axis=`, and
+lint says nothing. Axes are returned as non-negative indices.
+"""
+
+import keras
+from keras import layers
+
+from bnseq import rules
+
+# Keras operations that move or merge axes: their output's layout is not their input's.
+_REARRANGING = {
+    "Transpose", "Swapaxes", "Moveaxis", "Einsum", "Squeeze", "ExpandDims", "Tensordot", "Matmul",
+    "Reshape", "Ravel", "Flatten", "Permute", "Repeat", "Tile", "Stack", "Unstack", "Split",
+    "Dot", "Attention", "MultiHeadAttention", "GroupQueryAttention", "EinsumDense", "Embedding",
+}
+
+
+def source_axis(shape):
+    """The channel axis of a tensor no layer produced (a model input), or `None`."""
+    rank = len(shape)
+    if rank <= 2:
+        return rank - 1 if rank else None
+    if keras.config.image_data_format() == "channels_last":
+        return rank - 1
+    return None
+
+
+def transfer(operation, inputs, output_shape):
+    """The channel axis of `operation`'s output.
+
+    Args:
+        operation: the layer or `keras.ops` operation.
+        inputs: list of `(axis or None, shape or None)`, one per input tensor.
+        output_shape: tuple or `None`. The output's shape.
+
+    Returns:
+        int (non-negative) or `None` when unknown.
+    """
+    if output_shape is None:
+        return None
+    rank = len(output_shape)
+    if rank == 2:
+        return 1
+    if rank < 2:
+        return None
+    if rules.is_linear(operation) or getattr(operation, "data_format", None) in ("channels_first", "channels_last"):
+        return 1 if getattr(operation, "data_format", None) == "channels_first" else rank - 1
+    name = type(operation).__name__
+    if isinstance(operation, layers.Permute):
+        return _permuted(operation.dims, inputs)
+    if isinstance(operation, layers.Reshape) or name == "Reshape":
+        return _reshaped(inputs, output_shape)
+    if name in _REARRANGING or isinstance(operation, layers.Lambda) or not _is_keras(operation):
+        return None
+    same = [axis for axis, shape in inputs if shape is not None and tuple(shape) == tuple(output_shape)]
+    if isinstance(operation, layers.Concatenate):
+        same = [axis for axis, shape in inputs if shape is not None and len(shape) == rank]
+    if not same or any(axis is None for axis in same) or len(set(same)) != 1:
+        return None
+    return same[0]
+
+
+def _is_keras(operation):
+    return type(operation).__module__.startswith("keras.")
+
+
+def _permuted(dims, inputs):
+    axis = inputs[0][0] if inputs else None
+    if axis is None or axis == 0:
+        return None
+    return 1 + list(dims).index(axis) if axis in dims else None
+
+
+def _reshaped(inputs, output_shape):
+    if not inputs or inputs[0][0] is None or inputs[0][1] is None:
+        return None
+    axis, shape = inputs[0]
+    if axis == len(shape) - 1 and shape[-1] is not None and output_shape[-1] == shape[-1]:
+        return len(output_shape) - 1
+    if axis == 1 and shape[1] is not None and len(output_shape) > 1 and output_shape[1] == shape[1]:
+        return 1
+    return None
+
+
+# Walking back from a symbolic tensor ------------------------------------------------
+
+
+def axis_of_tensor(tensor):
+    """The channel axis of a Keras symbolic tensor, read from what produced it (`None`: unknown).
+
+    Reads `KerasTensor._keras_history` and `Operation._inbound_nodes`, private
+    Keras API: no public one names a tensor's producer (Keras 3.14, 3.15).
+    """
+    return _Walker().axis(tensor)
+
+
+class _Walker:
+    def __init__(self):
+        self.seen = {}
+        self.outer = []  # for each nested model entered: its call's input tensors
+
+    def axis(self, tensor):
+        key = id(tensor)
+        if key not in self.seen:
+            self.seen[key] = None  # a cycle (none in a valid graph) reads as unknown
+            self.seen[key] = self._axis(tensor)
+        return self.seen[key]
+
+    def _axis(self, tensor):
+        shape = tuple(tensor.shape)
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return source_axis(shape)
+        operation = history.operation
+        if isinstance(operation, layers.InputLayer):
+            return self._through_input(tensor, shape)
+        nodes = getattr(operation, "_inbound_nodes", None) or []
+        if history.node_index >= len(nodes):
+            return None
+        node = nodes[history.node_index]
+        arguments = [each for each in keras.tree.flatten(node.input_tensors) if hasattr(each, "shape")]
+        if isinstance(operation, keras.Model) and _has_graph(operation):
+            inner = keras.tree.flatten(operation.outputs)[history.tensor_index]
+            self.outer.append((list(keras.tree.flatten(operation.inputs)), arguments))
+            try:
+                return _Walker._nested(self, inner)
+            finally:
+                self.outer.pop()
+        inputs = [(self.axis(each), tuple(each.shape)) for each in arguments]
+        return transfer(operation, inputs, shape)
+
+    def _nested(self, inner):
+        saved, self.seen = self.seen, {}
+        try:
+            return self.axis(inner)
+        finally:
+            self.seen = saved
+
+    def _through_input(self, tensor, shape):
+        """A nested model's input: the tensor its call was given; a model input: `source_axis`."""
+        for inner_inputs, arguments in reversed(self.outer):
+            for index, each in enumerate(inner_inputs):
+                if each is tensor and index < len(arguments):
+                    outer, self.outer = self.outer, self.outer[:-1]
+                    try:
+                        return self.axis(arguments[index])
+                    finally:
+                        self.outer = outer
+        return source_axis(shape)
+
+
+def _has_graph(model):
+    try:
+        return model.outputs is not None and model.inputs is not None
+    except (AttributeError, ValueError):
+        return False
+
+
+# Running forward over a flattened model ---------------------------------------------
+
+
+def axes_of_graph(graph):
+    """`id(layer)` -> the channel axis of its first call's first input, for each layer of a `graph.Graph`.
+
+    Only where it is known: a layer whose input's axis is unknown is left out.
+    """
+    axes, shapes, first_input = {}, {}, {}
+    for ref in graph.flat.inputs:
+        shapes[ref] = _shape(ref.spec)
+        axes[ref] = None if shapes[ref] is None else source_axis(shapes[ref])
+    for call in graph.flat.calls:
+        inputs = [(axes.get(ref), shapes.get(ref)) for ref in call.inputs]
+        if id(call.operation) not in first_input and inputs and inputs[0][0] is not None:
+            first_input[id(call.operation)] = inputs[0][0]
+        for index, ref in enumerate(call.outputs):
+            shape = _shape(ref.spec)
+            if shape is None and index == 0:
+                shape = graph.output_shape(call.operation)
+            shapes[ref] = shape
+            axes[ref] = transfer(call.operation, inputs, shape) if len(call.outputs) == 1 else None
+    return first_input
+
+
+def _shape(spec):
+    shape = getattr(spec, "shape", None)
+    return None if shape is None else tuple(shape)
