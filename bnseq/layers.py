@@ -18,6 +18,7 @@ from bnseq import notices
 from bnseq import rules
 
 
+@keras.saving.register_keras_serializable(package="bnseq", name="BatchNormalization")
 class BatchNormalization(layers.BatchNormalization):
     """A `keras.layers.BatchNormalization` whose `axis` defaults to `"auto"`.
 
@@ -70,6 +71,17 @@ class BatchNormalization(layers.BatchNormalization):
                 for _, message in rules.placement_problems(producer, self):
                     notices.warn(message)
         return layers.BatchNormalization.__call__(self, inputs, *args, **kwargs)
+
+    def get_config(self):
+        """Keras's config, with `axis="auto"`: an unsettled layer comes back unsettled.
+
+        That is what `from_config`, `clone_model`, `copy.deepcopy` and a
+        `.keras` file of a model not built yet read. A settled layer is
+        Keras's own class, with Keras's own config.
+        """
+        config = super().get_config()
+        config["axis"] = "auto"
+        return config
 
     def settle(self, axis):
         """Fix the axis and become a plain `keras.layers.BatchNormalization`."""

@@ -255,3 +255,50 @@ def test_unknown_raises_and_never_guesses(make):
     with pytest.raises(ValueError, match="it does not guess. Pass `axis=` explicitly"):
         bn(x)
     assert bnseq.layers.is_auto(bn)
+
+
+# An unsettled layer survives every round trip, and settles when first called ------------------------
+
+
+def channels_first_stack(bn):
+    return keras.Sequential([layers.Conv2D(4, 3, data_format="channels_first", use_bias=False), bn])
+
+
+def settles_to_channels_first(bn):
+    assert bnseq.layers.is_auto(bn) and bn.momentum == 0.9 and bn.name == "auto"
+    model = channels_first_stack(bn)
+    model.build((None, 3, 6, 6))
+    assert bn.axis == 1 and type(bn) is layers.BatchNormalization and bn.gamma.shape == (4,)
+
+
+def test_get_config_and_from_config():
+    bn = bnseq.BatchNormalization(momentum=0.9, name="auto")
+    assert bn.get_config()["axis"] == "auto"
+    settles_to_channels_first(bnseq.BatchNormalization.from_config(bn.get_config()))
+    settles_to_channels_first(keras.layers.deserialize(keras.layers.serialize(bn)))
+
+
+def test_deepcopy_and_clone_model():
+    import copy
+
+    bn = bnseq.BatchNormalization(momentum=0.9, name="auto")
+    settles_to_channels_first(copy.deepcopy(bn))
+    model = channels_first_stack(bnseq.BatchNormalization(momentum=0.9, name="auto"))
+    clone = keras.models.clone_model(model)
+    settles_to_channels_first(clone.layers[1])
+    assert bnseq.layers.is_auto(model.layers[1])  # the original is untouched
+
+
+def test_keras_file_of_a_model_not_built_yet(tmp_path):
+    model = channels_first_stack(bnseq.BatchNormalization(momentum=0.9, name="auto"))
+    with pytest.warns(UserWarning, match="not yet been built"):  # Keras's own warning, as the user sees it
+        model.save(tmp_path / "unbuilt.keras")
+    loaded = keras.saving.load_model(tmp_path / "unbuilt.keras")
+    settles_to_channels_first(loaded.layers[1])
+
+
+def test_a_settled_layer_saves_as_keras_own(tmp_path):
+    model = channels_first_stack(bnseq.BatchNormalization(momentum=0.9, name="auto"))
+    model.build((None, 3, 6, 6))
+    config = model.layers[1].get_config()
+    assert config["axis"] == 1 and keras.layers.serialize(model.layers[1])["module"] == "keras.layers"
