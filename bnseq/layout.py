@@ -8,7 +8,8 @@ one rule for a single operation (given the channel axes of its inputs, the
 channel axis of its output, or `None` for unknown); two walkers apply it:
 
 - `axis_of_tensor(tensor)` walks back from a Keras symbolic tensor through
-  the layers that produced it, into nested models: what
+  the layers that produced it, into nested models and traced subclassed
+  layers: what
   `bnseq.BatchNormalization(axis="auto")` reads when it is first called.
 - `axes_of_graph(flat)` runs forward over a flattened model (subclassed
   blocks traced, `trace.py`): what `lint`'s BN003 reads.
@@ -38,7 +39,9 @@ lint says nothing. Axes are returned as non-negative indices.
 import keras
 from keras import layers
 
+from bnseq import graph as graph_module
 from bnseq import rules
+from bnseq import trace as trace_module
 
 # Keras operations that move or merge axes: their output's layout is not their input's.
 _REARRANGING = {
@@ -130,7 +133,6 @@ def axis_of_tensor(tensor):
 class _Walker:
     def __init__(self):
         self.seen = {}
-        self.outer = []  # for each nested model entered: its call's input tensors
 
     def axis(self, tensor):
         key = id(tensor)
@@ -142,44 +144,37 @@ class _Walker:
     def _axis(self, tensor):
         shape = tuple(tensor.shape)
         history = getattr(tensor, "_keras_history", None)
-        if history is None:
+        if history is None or isinstance(history.operation, layers.InputLayer):
             return source_axis(shape)
         operation = history.operation
-        if isinstance(operation, layers.InputLayer):
-            return self._through_input(tensor, shape)
         nodes = getattr(operation, "_inbound_nodes", None) or []
         if history.node_index >= len(nodes):
             return None
         node = nodes[history.node_index]
         arguments = [each for each in keras.tree.flatten(node.input_tensors) if hasattr(each, "shape")]
-        if isinstance(operation, keras.Model) and _has_graph(operation):
-            inner = keras.tree.flatten(operation.outputs)[history.tensor_index]
-            self.outer.append((list(keras.tree.flatten(operation.inputs)), arguments))
-            try:
-                return _Walker._nested(self, inner)
-            finally:
-                self.outer.pop()
         inputs = [(self.axis(each), tuple(each.shape)) for each in arguments]
+        inside = _inside(operation, node)
+        if inside is not None:  # a nested model or a traced layer: forward through its own graph
+            return _through(inside, [axis for axis, _ in inputs], history.tensor_index)
         return transfer(operation, inputs, shape)
 
-    def _nested(self, inner):
-        saved, self.seen = self.seen, {}
-        try:
-            return self.axis(inner)
-        finally:
-            self.seen = saved
 
-    def _through_input(self, tensor, shape):
-        """A nested model's input: the tensor its call was given; a model input: `source_axis`."""
-        for inner_inputs, arguments in reversed(self.outer):
-            for index, each in enumerate(inner_inputs):
-                if each is tensor and index < len(arguments):
-                    outer, self.outer = self.outer, self.outer[:-1]
-                    try:
-                        return self.axis(arguments[index])
-                    finally:
-                        self.outer = outer
-        return source_axis(shape)
+def _through(model, input_axes, index):
+    flat = graph_module.flatten(model)
+    if len(flat.inputs) != len(input_axes) or index >= len(flat.outputs):
+        return None
+    axes, _ = _propagate(flat, dict(zip(flat.inputs, input_axes)), _recorded_shape)
+    return axes.get(flat.outputs[index])
+
+
+def _inside(operation, node):
+    """The functional graph of a nested model, or of a subclassed layer `trace.py` can trace; else `None`."""
+    if isinstance(operation, keras.Model) and _has_graph(operation):
+        return operation
+    if trace_module.should_trace(operation):
+        traced = trace_module.trace(operation, node.arguments.args, node.arguments.kwargs)
+        return traced.model
+    return None
 
 
 def _has_graph(model):
@@ -197,21 +192,39 @@ def axes_of_graph(graph):
 
     Only where it is known: a layer whose input's axis is unknown is left out.
     """
+    _, first_input = _propagate(graph.flat, {}, graph.output_shape)
+    return first_input
+
+
+def _propagate(flat, given, output_shape):
+    """Run `transfer` forward over a flattened model: (`Ref` -> axis, `id(layer)` -> its first input's axis).
+
+    `given` sets the axes of the model's inputs (the rest follow `source_axis`);
+    `output_shape(layer)` gives a shape where a `Ref` carries none.
+    """
     axes, shapes, first_input = {}, {}, {}
-    for ref in graph.flat.inputs:
+    for ref in flat.inputs:
         shapes[ref] = _shape(ref.spec)
-        axes[ref] = None if shapes[ref] is None else source_axis(shapes[ref])
-    for call in graph.flat.calls:
+        axes[ref] = given[ref] if ref in given else (None if shapes[ref] is None else source_axis(shapes[ref]))
+    for call in flat.calls:
         inputs = [(axes.get(ref), shapes.get(ref)) for ref in call.inputs]
         if id(call.operation) not in first_input and inputs and inputs[0][0] is not None:
             first_input[id(call.operation)] = inputs[0][0]
         for index, ref in enumerate(call.outputs):
             shape = _shape(ref.spec)
             if shape is None and index == 0:
-                shape = graph.output_shape(call.operation)
+                shape = output_shape(call.operation)
             shapes[ref] = shape
             axes[ref] = transfer(call.operation, inputs, shape) if len(call.outputs) == 1 else None
-    return first_input
+    return axes, first_input
+
+
+def _recorded_shape(operation):
+    """The output shape Keras recorded for a layer's call (a layer of a Sequential model), or `None`."""
+    try:
+        return tuple(operation.output.shape)
+    except (AttributeError, ValueError):
+        return None
 
 
 def _shape(spec):

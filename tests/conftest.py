@@ -21,6 +21,9 @@ _COMMON = dict(
 )
 settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=25, **_COMMON)
+# The long run of the differential fuzzer (tests/test_fuzz.py) and of every property test:
+# HYPOTHESIS_PROFILE=fuzz, with BNSEQ_FUZZ_EXAMPLES examples (default 300).
+settings.register_profile("fuzz", max_examples=int(os.environ.get("BNSEQ_FUZZ_EXAMPLES", "300")), **_COMMON)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
