@@ -46,8 +46,8 @@ ACTIVATIONS = [None, "relu", "tanh"]
 # (a bias added on the last axis when it has the channel count, probes.bias_add_is_sound), which would
 # make the eager oracles wrong, not bnseq.
 FILTERS = 5
-STEPS = ["linear", "bn", "bn_wrong", "act", "skip", "shared", "nested", "sequential", "block", "permute",
-         "flatten", "lambda"]
+STEPS = ["linear", "bn", "bn_wrong", "act", "skip", "concat", "shared", "nested", "sequential", "block",
+         "permute", "reshape", "flatten", "lambda"]
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ class Drawn:
 
     def name(self, kind):
         self.count += 1
-        return f"{kind}_{self.count}"
+        return f"fz_{kind}_{self.count}"  # never one of Keras's own names (add_3, dense_2...)
 
     def rank(self):
         return len(self.current.value.shape)
@@ -113,9 +113,9 @@ class Drawn:
         draw, name = self.draw, self.name("linear")
         activation = draw(st.sampled_from(ACTIVATIONS))
         use_bias = draw(st.booleans())
-        if self.rank() == 2:
+        if self.rank() != 4:
             layer = layers.Dense(draw(st.integers(2, 5)), activation=activation, use_bias=use_bias, name=name)
-            axis = 1
+            axis = self.rank() - 1
         else:
             fmt = self.conv_format()
             spatial = self.current.value.shape[2] if fmt == "channels_first" else self.current.value.shape[1]
@@ -188,20 +188,43 @@ class Drawn:
         value = layers.Add(name=self.name("add"))([self.current.value, other.value])
         self.push(value, self.current.axis, "other")
 
+    def concat(self):
+        axis = self.current.axis
+        shape = tuple(self.current.value.shape)
+        same = [each for each in self.earlier if tuple(each.value.shape) == shape and each.axis == axis]
+        if axis is None or not same:
+            return
+        other = self.draw(st.sampled_from(same))
+        self.use(other)
+        value = layers.Concatenate(axis=axis, name=self.name("concat"))([self.current.value, other.value])
+        self.push(value, axis, "other")
+
+    def reshape(self):
+        shape = tuple(self.current.value.shape)
+        if self.rank() != 4 or self.current.axis not in (1, 3):
+            return
+        if self.current.axis == 3:  # (h, w, c) -> (h * w, c)
+            value = layers.Reshape((shape[1] * shape[2], shape[3]), name=self.name("reshape"))(self.current.value)
+            self.push(value, 2, "other")
+        else:  # (c, h, w) -> (c, h * w)
+            value = layers.Reshape((shape[1], shape[2] * shape[3]), name=self.name("reshape"))(self.current.value)
+            self.push(value, 1, "other")
+
     def shared(self):
         if self.rank() != 2:
             return
         layer = layers.Dense(int(self.current.value.shape[-1]), name=self.name("shared"))
         self.use(self.current)
         first = layer(self.current.value)
-        second = layer(layers.ReLU()(self.current.value))
-        self.push(layers.Add()([first, second]), self.current.axis, "other")
+        second = layer(layers.ReLU(name=self.name("act"))(self.current.value))
+        self.push(layers.Add(name=self.name("add"))([first, second]), self.current.axis, "other")
 
     def nested(self, sequential=False):
         shape = tuple(self.current.value.shape[1:])
         fmt = self.conv_format()
-        axis = -1 if self.rank() == 2 or fmt == "channels_last" else 1
-        linear = (layers.Dense(3, use_bias=False) if self.rank() == 2
+        dense = self.rank() != 4
+        axis = -1 if dense or fmt == "channels_last" else 1
+        linear = (layers.Dense(3, use_bias=False) if dense
                   else layers.Conv2D(FILTERS, 1, use_bias=False, data_format=fmt))
         stack = [linear, layers.BatchNormalization(axis=axis), layers.ReLU()]
         name = self.name("nested")
@@ -213,7 +236,7 @@ class Drawn:
             for layer in stack:
                 x = layer(x)
             inner = keras.Model(inner_inputs, x, name=name)
-        new_axis = 1 if self.rank() == 2 else (1 if fmt == "channels_first" else 3)
+        new_axis = self.rank() - 1 if dense else (1 if fmt == "channels_first" else 3)
         self.push(inner(self.current.value), new_axis, "nonlinear", stack[-1].name)
 
     def block(self):
@@ -259,7 +282,8 @@ def drawn_models(draw):
     for step in draw(st.lists(st.sampled_from(STEPS), min_size=2, max_size=6)):
         {
             "linear": drawn.linear, "bn": drawn.bn, "bn_wrong": lambda: drawn.bn(wrong=True), "act": drawn.act,
-            "skip": drawn.skip, "shared": drawn.shared, "nested": drawn.nested,
+            "skip": drawn.skip, "concat": drawn.concat, "reshape": drawn.reshape, "shared": drawn.shared,
+            "nested": drawn.nested,
             "sequential": lambda: drawn.nested(sequential=True), "block": drawn.block, "permute": drawn.permute,
             "flatten": drawn.flatten, "lambda": drawn.lambda_,
         }[step]()
@@ -347,3 +371,69 @@ def test_fuzz_every_result_against_its_oracle(case):
     again = bnseq.recalibrate(model, x, batch_size=7, verbose=0)
     assert all(row.mean_change <= 1e-4 and row.variance_change <= 1e-3 for row in again), again
     assert len(report) == len(again)
+
+
+# Masked sequences: Embedding(mask_zero=True), then random Dense / BN / activation steps ---------------
+
+
+@st.composite
+def masked_models(draw):
+    inputs = keras.Input((7,), dtype="int32")
+    x = layers.Embedding(12, 4, mask_zero=True)(inputs)
+    for step in draw(st.lists(st.sampled_from(["dense", "bn", "act", "dropout"]), min_size=2, max_size=6)):
+        if step == "dense":
+            x = layers.Dense(draw(st.integers(2, 5)), use_bias=draw(st.booleans()),
+                             activation=draw(st.sampled_from(ACTIVATIONS)))(x)
+        elif step == "bn":
+            x = layers.BatchNormalization()(x)
+        elif step == "act":
+            x = layers.ReLU()(x)
+        else:
+            x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, layers.BatchNormalization()(x))
+
+
+def masked_statistics_errors(model, x):
+    """Each BatchNormalization's moving statistics against its inputs' masked moments, captured in one call."""
+    seen = {}
+    wrapped = [layer for layer in model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
+    for layer in wrapped:
+        seen[id(layer)] = []
+
+        def recording(inputs, *args, _layer=layer, _call=layer.call, **kwargs):
+            mask = kwargs.get("mask")
+            seen[id(_layer)].append((keras.ops.convert_to_numpy(inputs).astype(np.float64),
+                                     None if mask is None else keras.ops.convert_to_numpy(mask)))
+            return _call(inputs, *args, **kwargs)
+
+        layer.call = recording
+    try:
+        model(x, training=False)
+    finally:
+        for layer in wrapped:
+            del layer.call
+    errors = {}
+    for layer in wrapped:
+        values = np.concatenate([inputs[mask.astype(bool)] for inputs, mask in seen[id(layer)]])
+        mean, variance = values.mean(axis=0), values.var(axis=0)
+        errors[layer.name] = max(
+            float(np.abs(keras.ops.convert_to_numpy(layer.moving_mean) - mean).max()),
+            float(np.abs(keras.ops.convert_to_numpy(layer.moving_variance) - variance).max()),
+        ) / max(1.0, float(np.abs(mean).max()), float(variance.max()))
+    return errors
+
+
+@pytest.mark.filterwarnings("ignore::bnseq.BatchNormPlacementWarning")
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@given(masked_models(), st.integers(1, 6))
+def test_fuzz_masked_sequences(model, padded):
+    randomized(model, 2)
+    x = np.random.default_rng(3).integers(1, 12, size=(16, 7))
+    x[:, 7 - padded:] = 0  # padding, masked out
+    x[::4, 1:] = 0
+    expected = probes.predicted(model, x)
+    bnseq.recalibrate(model, x, batch_size=5, verbose=0)
+    errors = masked_statistics_errors(model, x)
+    assert all(error <= 1e-4 for error in errors.values()), (errors, describe(model))
+    expected = probes.predicted(model, x)
+    assert relative(expected, probes.predicted(bnseq.fold(model), x)) <= 1e-4
