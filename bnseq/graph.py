@@ -432,7 +432,13 @@ class _Flattener:
         be traced, which needs its input's shape).
         """
         if isinstance(operation, keras.Model) and (isinstance(operation, keras.Sequential) or is_functional(operation)):
-            return self.model(operation, sources, parent)
+            results = self.model(operation, sources, parent)
+            # A nested Sequential's last Ref may have no spec; the outer call recorded it (a traced
+            # layer after the nested model needs its input's shape).
+            for ref, tensor in zip(results, list(outputs or ())):
+                if ref.spec is None and isinstance(tensor, keras.KerasTensor):
+                    ref.spec = tensor
+            return results
         if trace_module.should_trace(operation):
             traced = self._trace(operation, args, kwargs)
             if traced is not None and single and len(traced.model.outputs) != 1:

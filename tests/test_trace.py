@@ -483,3 +483,19 @@ def test_traced_backbone_folded_saves_and_loads(tmp_path):
     x = np.random.default_rng(13).normal(size=(2, 32, 32, 3)).astype("float32")
     for a, b in zip(keras.tree.flatten(loaded.predict(x, verbose=0)), keras.tree.flatten(folded.predict(x, verbose=0))):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_block_after_a_nested_sequential_is_traced():
+    # Found by tests/test_fuzz.py: the nested Sequential's output had no shape, so the block after it
+    # was left untraced ("the shapes of its inputs are not known").
+    from tests.test_fuzz import Block
+
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(5, 3, padding="same", name="first")(inputs)
+    nested = keras.Sequential(
+        [keras.Input((6, 6, 5)), layers.Conv2D(5, 1, use_bias=False), layers.BatchNormalization(), layers.ReLU()],
+        name="nested",
+    )
+    model = keras.Model(inputs, Block(5, "channels_last", name="blk")(nested(x)))
+    assert bnseq.lint(model) == []
+    assert all(decision.folded for decision in bnseq.fold_report(model))
