@@ -266,7 +266,7 @@ def _carry_weights(source, target):
     """A taken-over BatchNormalization keeps its weights (where their shapes still fit)."""
     if _same_shapes(source, target):
         for original, new in zip(source.weights, target.weights):
-            new.assign(original)
+            new.assign(keras.ops.convert_to_numpy(original))  # a copy: see rewrite.normalized_copy
 
 
 def _existing_batch_norm(graph, layer):

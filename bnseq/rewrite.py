@@ -199,7 +199,9 @@ def normalized_copy(layer, options, taken, batch_norm_name=None):
         kernels = [variable for variable in layer.weights if variable is not bias]
         if [tuple(v.shape) for v in kernels] == [tuple(v.shape) for v in copy.weights]:
             for source, target in zip(kernels, copy.weights):
-                target.assign(source)
+                # A copy of the values, not the variable: on JAX, assigning a variable shares its
+                # buffer, and `predict` on one model donates it, deleting the other model's weights.
+                target.assign(keras.ops.convert_to_numpy(source))
 
     return unit, carry
 
