@@ -90,14 +90,12 @@ def _layout(layer):
     return "last"
 
 
-def folded_weights(layer, batch_norm_layer, weights=None):
+def folded_weights(layer, batch_norm_layer):
     """The weights of `layer` with `batch_norm_layer` folded in.
 
     Args:
         layer: one of the linear layers, built, with the identity activation.
         batch_norm_layer: the built `BatchNormalization` right after it.
-        weights: list of arrays, optional. The layer's weights to fold into
-            (default: its own), as `get_weights` lists them.
 
     Returns:
         list of arrays for `set_weights` on the same layer with
@@ -105,22 +103,7 @@ def folded_weights(layer, batch_norm_layer, weights=None):
         of a separable convolution, scaled) and the new bias, each in its
         variable's dtype.
     """
-    weights = layer.get_weights() if weights is None else weights
-    kernels = weights[:-1] if layer.use_bias else weights
-    bias = weights[-1] if layer.use_bias else 0.0
-    bn = batch_norm_layer
-    scale, shift = batch_norm_affine(
-        keras.ops.convert_to_numpy(bn.moving_mean),
-        keras.ops.convert_to_numpy(bn.moving_variance),
-        bn.epsilon,
-        gamma=keras.ops.convert_to_numpy(bn.gamma) if bn.scale else None,
-        beta=keras.ops.convert_to_numpy(bn.beta) if bn.center else None,
-    )
-    last = kernels[-1]
-    new_kernel = scale_kernel(last, scale, _layout(layer)).astype(last.dtype)
-    new_bias = scale * np.asarray(bias, np.float64) + shift
-    bias_dtype = weights[-1].dtype if layer.use_bias else last.dtype
-    return [*kernels[:-1], new_kernel, new_bias.astype(bias_dtype)]
+    return _weights_with(layer, None, batch_norm_layer)
 
 
 def why_not_forward(layer):
