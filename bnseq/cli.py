@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
 import bnseq
 from bnseq.notices import first_line
@@ -75,17 +77,51 @@ def _parser():
         help="fold, export to ONNX, LiteRT, SavedModel or .keras, and check it in its runtime",
         description="Fold IN.keras, export it with Keras's Model.export to OUT (.onnx, .tflite, .keras, "
         "or a directory for a TensorFlow SavedModel), run the artifact in its runtime on a sample and "
-        "compare with the model. Prints the report. Exit status: 0 when written and within the "
-        "tolerance, 1 when the runtime's outputs differ by more (the artifact is written), 2 when a "
-        "file cannot be read or written or a runtime is missing.",
+        "compare with the model, inputs and outputs matched by name; OUT is written only when the check "
+        "passes. With --quantize int8 or float16 (.tflite only), the LiteRT converter quantizes the folded "
+        "model (int8 calibrated on --data) and the quantized model is checked against the float one on "
+        "--data. Prints the report. Exit status: 0 when written and within the tolerance, 1 when the "
+        "runtime's outputs differ by more (the artifact is kept as OUT's name with .failed-check), 2 when "
+        "a file cannot be read or written, OUT is IN, or a runtime is missing.",
     )
     export.add_argument("input", metavar="IN.keras")
     export.add_argument("output", metavar="OUT")
     export.add_argument("--format", choices=("onnx", "litert", "tf_saved_model", "keras"), help="instead of the suffix")
     export.add_argument("--no-fold", action="store_true", help="export the model as it is")
-    export.add_argument("--sample", metavar="FILE.npy", help="inputs to check on (default: random)")
+    export.add_argument(
+        "--sample",
+        metavar="FILE",
+        help="inputs to check on: .npy for a model with one input, or .npz with one array per input, keyed by "
+        "the model's input names (default: a random batch of 2)",
+    )
     export.add_argument("--compare", action="store_true", help="also time an unfolded export")
-    export.add_argument("--rtol", type=float, default=1e-4, help="tolerance, relative to the largest output (1e-4)")
+    export.add_argument(
+        "--rtol",
+        type=float,
+        help="tolerance, relative to the largest output (default 1e-4 for float32 models, 1e-2 for float16, "
+        "5e-2 for bfloat16; with --quantize, of the mean difference: 0.1 for int8, 1e-2 for float16)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace a SavedModel directory that is not empty"
+    )
+    export.add_argument(
+        "--quantize", choices=("int8", "float16"), help="quantized LiteRT (.tflite): needs --data"
+    )
+    export.add_argument(
+        "--data",
+        metavar="FILE",
+        help="for --quantize: inputs (.npy, or .npz keyed by input names) to calibrate int8 on and to check "
+        "the quantized model against the float one",
+    )
+    export.add_argument(
+        "--recalibrate", action="store_true", help="recalibrate the statistics on --data before folding"
+    )
+    export.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.97,
+        help="with --quantize: the lowest top-1 agreement with the float model that passes (0.97)",
+    )
     export.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     recalibrate = commands.add_parser(
         "recalibrate",
@@ -93,8 +129,8 @@ def _parser():
         description="Write IN.keras as OUT.keras with every BatchNormalization's moving mean and "
         "variance set to the exact mean and variance of its input over the data (inference mode, "
         "earlier layers recalibrated first); prints a table of the changes. --data is a .npy "
-        "array of model inputs, or a .npz whose arrays are the model's inputs in order. Exit "
-        "status: 0 when written, 2 when a file cannot be read or written.",
+        "array of model inputs, or a .npz with one array per input, keyed by the input names (or "
+        "in the model's input order). Exit status: 0 when written, 2 when a file cannot be read or written.",
     )
     recalibrate.add_argument("input", metavar="IN.keras")
     recalibrate.add_argument("output", metavar="OUT.keras")
@@ -121,6 +157,9 @@ def main(argv=None):
             from bnseq import demo
         except ImportError as error:  # pragma: no cover - depends on the install
             return _fail(f"{error}. Install the demo extra: pip install 'bnseq[demo]'")
+        problem = _unwritable(args.out)
+        if problem:  # before minutes of training, not after
+            return _fail(f"cannot write the plot to '{args.out}': {problem}")
         return demo.run(epochs=args.epochs, seed=args.seed, out=args.out)
     if args.command == "lint":
         return _lint(args.paths, args.format, not args.unsafe)
@@ -151,7 +190,10 @@ def _size(text):
 
 
 def _positive(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1. Received: {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
@@ -167,10 +209,33 @@ class _Failure(Exception):
     """A file or argument the command cannot use: `main` prints it as one line and returns 2."""
 
 
+def _unwritable(path):
+    """Why a file cannot be written at `path` (its folder is made if missing), or `None`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        return first_line(error)
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.access(folder, os.W_OK):
+        return f"the folder '{folder}' is not writable"
+    return None
+
+
+def _same_file(a, b):
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def _load(args, *, keras_output=True):
     """The model in `args.input`, after checking that `args.output` can be a .keras file."""
     if keras_output and not str(args.output).endswith(".keras"):
         raise _Failure(f"the output file must end in .keras. Received: {args.output}")
+    if args.command in ("fold", "export") and _same_file(args.input, args.output):
+        raise _Failure(
+            f"the output '{args.output}' is the input file; {args.command} writes an inference-only model and "
+            "would replace the trainable one. Choose another output path."
+        )
     try:
         return bnseq.files.as_model(args.input, safe_mode=not args.unsafe)
     except (OSError, ValueError) as error:
@@ -178,10 +243,24 @@ def _load(args, *, keras_output=True):
 
 
 def _save(model, path):
+    """`model.save(path)` through a temporary file in the same folder (made if missing), then moved into place.
+
+    A save that fails halfway leaves `path` as it was.
+    """
+    problem = _unwritable(path)
+    if problem:
+        raise _Failure(f"cannot write '{path}': {problem}")
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, staged = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.keras", dir=folder)
+    os.close(handle)
     try:
-        model.save(path)
+        model.save(staged)
+        os.replace(staged, path)
     except (OSError, ValueError) as error:
         raise _Failure(f"cannot write '{path}': {first_line(error)}") from None
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
 
 
 def _lint(paths, output_format, safe_mode):
@@ -235,14 +314,24 @@ def _fold(args):
     return 0
 
 
-def _export(args):
+def _arrays(path, what):
+    """A .npy file as an array, or a .npz file as a dict of arrays keyed by their names in the file."""
     import numpy as np
 
-    model = _load(args, keras_output=False)  # export checks the output against the format
     try:
-        sample = None if args.sample is None else np.load(args.sample, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
     except (OSError, ValueError) as error:
-        raise _Failure(first_line(error)) from None
+        raise _Failure(f"cannot read the {what} '{path}': {first_line(error)}") from None
+
+
+def _export(args):
+    model = _load(args, keras_output=False)  # export checks the output against the format
+    sample = None if args.sample is None else _arrays(args.sample, "sample")
+    data = None if args.data is None else _arrays(args.data, "data")
     try:
         report = bnseq.export(
             model,
@@ -250,8 +339,14 @@ def _export(args):
             format=args.format,
             fold=not args.no_fold,
             sample=sample,
+            safe_mode=not args.unsafe,
             compare=args.compare,
             rtol=args.rtol,
+            overwrite=args.overwrite,
+            quantize=args.quantize,
+            data=data,
+            recalibrate=args.recalibrate,
+            min_agreement=args.min_agreement,
         )
     except bnseq.ToleranceError as error:
         print(error.report)
@@ -264,19 +359,12 @@ def _export(args):
 
 
 def _recalibrate(args):
-    import numpy as np
-
     model = _load(args)
-    try:
-        loaded = np.load(args.data, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise _Failure(f"cannot read the data '{args.data}': {first_line(error)}") from None
-    if isinstance(loaded, np.ndarray):  # .npy: the inputs of a one-input model
-        data = loaded
-    else:  # .npz: the model's inputs in order
-        with loaded:
-            data = [loaded[name] for name in loaded.files]
-        data = data[0] if len(data) == 1 else data
+    data = _arrays(args.data, "data")
+    if isinstance(data, dict):  # .npz: keyed by the model's input names, or else the inputs in the file's order
+        names = [tensor.name for tensor in model.inputs]
+        arrays = [data[name] for name in names] if set(data) == set(names) else list(data.values())
+        data = arrays[0] if len(arrays) == 1 else arrays
     try:
         report = bnseq.recalibrate(model, data, batch_size=args.batch_size, verbose=0, cache_limit=args.cache_limit)
     except (TypeError, ValueError) as error:

@@ -121,18 +121,24 @@ def infer(model, inputs, training=False):
     return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
 
 
-def predicted(model, inputs):
+def predicted(model, inputs, batch_size=None):
     """`model` on `inputs` as `predict` computes it, as NumPy.
 
     Compiled as Keras compiles `predict` (on TensorFlow a graph, which
     TensorFlow's optimizer rewrites: `leaky_relu_fusion_is_sound`), or by XLA
     where `needs_xla(model)`. Equivalences bnseq reports are measured with
-    this, not only with eager calls.
+    this, not only with eager calls. `batch_size=None` runs all of `inputs`
+    as one batch.
     """
+    count = len(keras.tree.flatten(inputs)[0])
+    batch_size = batch_size or count
     if needs_xla(model):
-        return infer(model, inputs)
-    batch = len(keras.tree.flatten(inputs)[0])
-    outputs = model.predict(inputs, batch_size=batch, verbose=0)
+        parts = [
+            infer(model, keras.tree.map_structure(lambda x, start=start: x[start : start + batch_size], inputs))
+            for start in range(0, count, batch_size)
+        ]
+        return keras.tree.map_structure(lambda *each: np.concatenate(each), *parts)
+    outputs = model.predict(inputs, batch_size=batch_size, verbose=0)
     return keras.tree.map_structure(np.asarray, outputs)
 
 

@@ -40,3 +40,13 @@ def _fresh_keras():
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
     doctest_namespace.update(bnseq=bnseq, keras=keras, np=np)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (large models) run only with BNSEQ_SLOW=1; the README documents it."""
+    if os.environ.get("BNSEQ_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="a slow test: set BNSEQ_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -72,6 +72,42 @@ def test_demo_rejects_a_bad_epoch_count(capsys):
     assert "argument --epochs: must be at least 1, not 0" in capsys.readouterr().err
 
 
+def test_demo_checks_its_output_path_before_training(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["demo", "--epochs", "1", "--out", str(tmp_path / "file" / "plot.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bnseq: error: cannot write the plot to '{tmp_path / 'file' / 'plot.png'}': ")
+    assert len(err.splitlines()) == 1
+    (tmp_path / "folder.png").mkdir()
+    assert cli.main(["demo", "--epochs", "1", "--out", str(tmp_path / "folder.png")]) == 2
+    assert capsys.readouterr().err.endswith(": it is a directory\n")
+
+
+def test_epochs_must_be_a_number(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", "--epochs", "abc"])
+    assert exit.value.code == 2
+    assert "argument --epochs: expected a whole number of at least 1. Received: abc" in capsys.readouterr().err
+
+
+def test_fold_creates_missing_folders_and_writes_whole_files_only(trained_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "new" / "folder" / "out.keras"
+    assert cli.main(["fold", str(trained_file), str(out)]) == 0
+    assert keras.saving.load_model(out).layers
+    before = out.read_bytes()
+
+    def fails_halfway(self, path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "save", fails_halfway)
+    assert cli.main(["fold", str(trained_file), str(out)]) == 2
+    assert capsys.readouterr().err.endswith(f"cannot write '{out}': disk full\n")
+    assert out.read_bytes() == before
+    assert sorted(path.name for path in out.parent.iterdir()) == ["out.keras"]
+
+
 def test_python_dash_m():
     result = subprocess.run(
         [sys.executable, "-m", "bnseq", "--version"], capture_output=True, text=True, timeout=300
@@ -277,8 +313,8 @@ def test_fold_strict_fails_and_writes_nothing(tmp_path, capsys):
             "'{d}/x.keras' is not a .keras file",
         ),
         (
-            lambda d, good: [str(good), str(d / "no" / "such" / "dir" / "out.keras")],
-            "cannot write '{d}/no/such/dir/out.keras': ",
+            lambda d, good: [str(good), str(_write(d / "plain", b"a file")) + "/out.keras"],
+            "cannot write '{d}/plain/out.keras': ",
         ),
         (lambda d, good: [str(good), str(d / "out.h5")], "the output file must end in .keras. Received: {d}/out.h5"),
     ],

@@ -109,3 +109,16 @@ def test_infer_matches_a_numpy_convolution():
     if not kernels_exist():
         with pytest.raises(Exception, match=re.escape("NHWC")):
             layer(x)
+
+
+@pytest.mark.parametrize("make", [model_channels_first, lambda: bnseq.Sequential(
+    [keras.Input((5,)), layers.Dense(3)], batch_norm=True)])
+def test_predicted_in_batches_equals_one_batch(make):
+    """On this machine's path (XLA for channels_first without oneDNN, else predict), batch by batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bnseq.PlatformWarning)
+        model = make()
+    x = np.random.default_rng(0).normal(size=(7, *model.inputs[0].shape[1:])).astype("float32")
+    whole = probes.predicted(model, x)
+    np.testing.assert_allclose(probes.predicted(model, x, batch_size=3), whole, rtol=1e-5, atol=1e-6)
+    assert whole.shape == (7, 2 if make is model_channels_first else 3)
