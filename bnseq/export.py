@@ -286,7 +286,7 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
         staged = _staged_name(path, chosen)
         unfolded_latency = quantization = None
         try:
-            _write(target, staged, chosen, quantize, checked, names)
+            _write(target, staged, chosen, quantize, checked, names, shown=path)
             run = _loaded(runtime, staged, names, threads, chosen, safe_mode, path, inputs, _lowest_precision(model))
             outputs = _paired(references[0], _in_batches(run, checked), chosen)
             max_abs, max_rel = min(_difference(reference, outputs) for reference in references)
@@ -501,7 +501,8 @@ def _remove(name):
         os.remove(name)
 
 
-def _write(model, path, chosen, quantize=None, data=None, names=None):
+def _write(model, path, chosen, quantize=None, data=None, names=None, shown=None):
+    """Writes `model` to `path` (a temporary name; errors name `shown`, the target, instead)."""
     if chosen == "keras":
         model.save(path)
         return
@@ -511,7 +512,9 @@ def _write(model, path, chosen, quantize=None, data=None, names=None):
     except Exception as error:  # the converters raise their own error classes
         if quantize is not None and _UNSUPPORTED.search(str(error)):
             raise ValueError(_quantization_refused(model, quantize, error)) from error
-        raise ValueError(f"Keras's {chosen} exporter cannot write '{path}': {notices.first_line(error)}") from error
+        raise ValueError(
+            f"Keras's {chosen} exporter cannot write '{shown or path}': {notices.first_line(error)}"
+        ) from error
 
 
 def _converter_options(quantize, data, names):
