@@ -30,6 +30,7 @@ import numpy as np
 
 from bnseq import files
 from bnseq import fold as fold_module
+from bnseq import graph
 from bnseq import notices
 from bnseq import probes
 
@@ -261,7 +262,7 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
     model = files.as_model(model, safe_mode=safe_mode)
     _check_quantize(quantize, chosen, data, recalibrate)
     runtime = _runtime(chosen)
-    inputs = _random_sample(model) if sample is None else _flat_inputs(model, sample, "sample")
+    inputs = probes.random_inputs(model) if sample is None else _flat_inputs(model, sample, "sample")
     checked = inputs if quantize is None else _flat_inputs(model, data, "data")
     tolerance = _default_rtol(model, quantize) if rtol is None else rtol
     with _statistics_restored(model, recalibrate):
@@ -546,7 +547,7 @@ def _quantization_refused(model, quantize, error):
     # The converter's locations name the layer's scope: "sequential_1/odd_erf_1/Erf@...".
     layers = [
         layer.name
-        for layer in _all_layers(model)
+        for layer in graph.inner_layers(model)
         if not getattr(layer, "layers", None) and re.search(rf"(?<!\w){re.escape(layer.name)}(_\d+)?/", text)
     ]
     operations = sorted(set(re.findall(r"'(tf\.\w+|tfl\.\w+)' op", text)))
@@ -575,16 +576,6 @@ def _input_structure(model):
 
 def _call_input(model, flat):
     return keras.tree.pack_sequence_as(_input_structure(model), list(flat))
-
-
-def _random_sample(model):
-    rng = np.random.default_rng(0)
-    return [
-        rng.standard_normal([2] + [8 if size is None else size for size in tensor.shape[1:]]).astype(
-            keras.backend.standardize_dtype(tensor.dtype)
-        )
-        for tensor in model.inputs
-    ]
 
 
 def _flat_inputs(model, value, what):
@@ -854,21 +845,9 @@ def _statistics_restored(model, active):
 # Dtypes and layers.
 
 
-def _all_layers(model):
-    seen, stack, found = set(), [model], []
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        found.append(layer)
-        stack.extend(getattr(layer, "layers", []) or [])
-    return found
-
-
 def _lowest_precision(model):
     dtypes = {keras.backend.standardize_dtype(getattr(layer, "compute_dtype", None) or "float32")
-              for layer in _all_layers(model)}
+              for layer in [model, *graph.inner_layers(model)]}
     for dtype in ("bfloat16", "float16"):
         if dtype in dtypes:
             return dtype

@@ -591,13 +591,7 @@ def probe_difference(model, folded, batch_size=2, seed=0):
         (largest absolute difference, that divided by the largest absolute
         output of `model`).
     """
-    rng = np.random.default_rng(seed)
-    probe = [
-        rng.standard_normal(
-            [batch_size] + [8 if size is None else size for size in tensor.shape[1:]]
-        ).astype(tensor.dtype)
-        for tensor in model.inputs
-    ]
+    probe = probes.random_inputs(model, batch_size, seed)
     probe = probe[0] if len(probe) == 1 else probe
     difference = scale = 0.0
     # Both as predict runs them (compiled: TensorFlow's graph optimizer has bugs of its own, see

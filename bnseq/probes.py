@@ -121,6 +121,17 @@ def infer(model, inputs, training=False):
     return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
 
 
+def random_inputs(model, batch_size=2, seed=0):
+    """A deterministic standard-normal batch for each of `model.inputs` (unknown sizes taken as 8), as a list."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal([batch_size] + [8 if size is None else size for size in tensor.shape[1:]]).astype(
+            keras.backend.standardize_dtype(tensor.dtype)
+        )
+        for tensor in model.inputs
+    ]
+
+
 def predicted(model, inputs, batch_size=None):
     """`model` on `inputs` as `predict` computes it, as NumPy.
 
