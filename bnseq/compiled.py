@@ -154,7 +154,7 @@ def _compiled(function, calls, jit_compile):
                 return function(inputs)
 
         jitted = jax.jit(stateless)
-        return lambda inputs: jitted([variable.value for variable in variables], inputs)
+        return lambda inputs: jitted([_local(variable) for variable in variables], inputs)
     if backend == "torch":
         import torch
 
@@ -164,6 +164,27 @@ def _compiled(function, calls, jit_compile):
 
         return without_gradients
     return function
+
+
+def _local(variable):
+    """A JAX variable's value on this process's devices.
+
+    Under a `keras.distribution` spanning several processes a variable is a
+    global array, part of it on devices this process cannot address; each
+    process computes on its own data, with its own full copy of the
+    variable (pooled afterwards, collective.py).
+    """
+    value = variable.value
+    if getattr(value, "is_fully_addressable", True):
+        return value
+    if value.is_fully_replicated:
+        return value.addressable_data(0)
+    raise ValueError(
+        f"Variable '{variable.path}' is sharded across processes ({value.sharding}), so no process holds "
+        "all of it, and bnseq computes each process's statistics on that process alone. Recalibrate under "
+        "a distribution that replicates the variables (keras.distribution.DataParallel). Received: a "
+        f"variable of shape {tuple(value.shape)}"
+    )
 
 
 class _TensorFlowFunction:

@@ -17,6 +17,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from bnseq import collective
 from bnseq import data as data_module
 from bnseq import graph as graph_module
 from bnseq import probes
@@ -30,7 +31,8 @@ class Recalibration:
     Attributes:
         batch_norm: str. The layer's name.
         samples: int. How many values each channel's statistics pool (batch
-            items times the positions of the other axes).
+            items times the positions of the other axes; over all processes
+            when several pooled their data).
         mean_change: float. The largest absolute change of `moving_mean`.
         variance_change: float. The largest absolute change of
             `moving_variance`.
@@ -49,12 +51,15 @@ class RecalibrationReport(list):
         passes: float. The work done, in forward passes over the data (1.0
             when every segment's activations could be kept; more when
             `cache_limit` made some be computed again).
-        cache_peak: int. The most bytes of activations kept at once.
+        cache_peak: int. The most bytes of activations kept at once (on
+            this process).
+        processes: int. How many processes pooled their data (1 unless
+            the run spans several; see `recalibrate`).
     """
 
-    def __init__(self, rows=(), passes=0.0, cache_peak=0):
+    def __init__(self, rows=(), passes=0.0, cache_peak=0, processes=1):
         super().__init__(rows)
-        self.passes, self.cache_peak = passes, cache_peak
+        self.passes, self.cache_peak, self.processes = passes, cache_peak, processes
 
     def __str__(self):
         width = max([len("BatchNormalization")] + [len(row.batch_norm) for row in self])
@@ -68,6 +73,8 @@ class RecalibrationReport(list):
             f"{self.passes:.2f} forward passes of work; at most {self.cache_peak / 2**20:,.1f} MiB of "
             "activations kept"
         )
+        if self.processes > 1:
+            lines.append(f"statistics pooled over {self.processes} processes, each on its own data")
         return "\n".join(lines)
 
 
@@ -96,6 +103,19 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
     TensorFlow on a 2-core CPU): 1.4x to 1.8x the time of one `predict`.
     BatchNormalization layers inside subclassed layers cannot be reached
     between segments: their layer is run once more for each of them.
+
+    Several processes: where the model is trained by several processes
+    (`jax.distributed`, which `keras.distribution.initialize` starts;
+    a `MultiWorkerMirroredStrategy` whose scope the model was made in; a
+    `torch.distributed` process group), each process calls `recalibrate`
+    on its own shard of the data, and the statistics are those of the union
+    of the shards: exact for shards of any size, and the same on every
+    process, bit for bit. Each process computes on its own shard; after each
+    level they exchange, per BatchNormalization, its count and per-channel
+    mean and sum of squared deviations (`2 * channels + 1` float64 numbers
+    per process), after a round of two numbers that says whether every
+    process succeeded; every process merges the rows in the same order. If
+    any process fails, all of them raise and none changes its statistics.
 
     Args:
         model: `keras.Model`. Sequential or functional, nested models and
@@ -144,16 +164,23 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             "recalibrate expects a keras.Model. "
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
-    segments.check_cache_limit(cache_limit)
-    batches = data_module.batches_of(data, batch_size, steps)
-    if not batches:
-        raise ValueError(f"recalibrate needs data with at least one batch. Received: data={data!r}")
-    if not model.built:  # as predict does: the first batch builds it
-        probes.infer(model, batches[0])
-    flat = graph_module.flatten(model)
-    in_order = flat.batch_norms()
+    processes = collective.processes_of(model)
+    try:
+        segments.check_cache_limit(cache_limit)
+        batches = data_module.batches_of(data, batch_size, steps)
+        if not batches:
+            raise ValueError(f"recalibrate needs data with at least one batch. Received: data={data!r}")
+        if not model.built:  # as predict does: the first batch builds it
+            probes.infer(model, batches[0])
+        flat = graph_module.flatten(model)
+        in_order = flat.batch_norms()
+    except Exception as error:
+        if processes is not None:  # the other processes are told, and stop too
+            processes.exchange(None, error)
+        raise
     before = {id(layer): _statistics_of(layer) for layer in in_order}
-    progress = keras.utils.Progbar(None, unit_name="step") if verbose != 0 and in_order else None
+    show = verbose != 0 and in_order and (processes is None or processes.rank == 0)
+    progress = keras.utils.Progbar(None, unit_name="step") if show else None
 
     def set_level(layers, stats):
         for layer in layers:
@@ -161,7 +188,14 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
 
     try:
         measured = segments.measure(
-            model, batches, in_order, flat=flat, on_level=set_level, cache_limit=cache_limit, progress=progress
+            model,
+            batches,
+            in_order,
+            flat=flat,
+            on_level=set_level,
+            cache_limit=cache_limit,
+            progress=progress,
+            processes=processes,
         )
     except BaseException:
         for layer in in_order:  # a failed call leaves the model as it was
@@ -183,7 +217,9 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
                 float(np.max(np.abs(pooled.variance - old_variance))),
             )
         )
-    return RecalibrationReport(rows, passes=measured.passes, cache_peak=measured.cache_peak)
+    return RecalibrationReport(
+        rows, passes=measured.passes, cache_peak=measured.cache_peak, processes=processes.count if processes else 1
+    )
 
 
 def _as_they_ran(layers, ran):

@@ -35,6 +35,7 @@ import weakref
 import keras
 import numpy as np
 
+from bnseq import collective
 from bnseq import compiled
 from bnseq import data
 from bnseq import graph as graph_module
@@ -101,7 +102,16 @@ class Pooled:
 
 
 def measure(
-    model, batches, batch_norms, *, flat=None, chained=True, on_level=None, cache_limit="auto", progress=None
+    model,
+    batches,
+    batch_norms,
+    *,
+    flat=None,
+    chained=True,
+    on_level=None,
+    cache_limit="auto",
+    progress=None,
+    processes=None,
 ):
     """Pool the inputs of `batch_norms` over `batches`, everything else in inference mode.
 
@@ -121,6 +131,10 @@ def measure(
             between steps; `"auto"` is half the memory available now.
         progress: `keras.utils.Progbar`, optional, advanced once per batch
             and step. Its target is set here.
+        processes: `collective.Processes`, optional. The processes that
+            each measure their own `batches`: after each level, the
+            statistics are pooled over all of them (and a failure in any
+            one makes all raise).
 
     Returns:
         `Measurement`.
@@ -129,15 +143,28 @@ def measure(
         ValueError: if a BatchNormalization takes its own output (through
             other layers) as input, which no statistics can be exact for.
     """
-    limit = _cache_limit(cache_limit)
-    flat = flat or graph_module.flatten(model)
-    if _has_masks(flat):
-        # A Keras mask travels on its tensor, and a kept cut loses it: every step then computes
-        # from the model's inputs (about levels / 2 passes), so that masks reach what reads them.
-        limit = 0
-    order = _run_order(model, flat, batches, batch_norms)
-    plan = _plan_for(model, flat, batch_norms, chained, order)
-    values = [data.model_inputs(model, x, flat) for x in batches]
+    failure = None
+    try:
+        limit = _cache_limit(cache_limit)
+        flat = flat or graph_module.flatten(model)
+        if _has_masks(flat):
+            # A Keras mask travels on its tensor, and a kept cut loses it: every step then computes
+            # from the model's inputs (about levels / 2 passes), so that masks reach what reads them.
+            limit = 0
+        order = _run_order(model, flat, batches, batch_norms)
+        plan = _plan_for(model, flat, batch_norms, chained, order)
+        values = [data.model_inputs(model, x, flat) for x in batches]
+    except Exception as error:
+        if processes is None:
+            raise
+        failure = error
+    if processes is not None:  # every process made the same plan, or all stop here
+        rows = processes.exchange(None if failure else collective.signature(batch_norms), failure)
+        if any(not np.array_equal(row, rows[processes.rank]) for row in rows):
+            raise ValueError(
+                f"The processes of this {processes.kind} run hold different models (their BatchNormalization "
+                "layers differ in names or sizes). Every process must recalibrate the same model."
+            )
     stats = {id(layer): Pooled() for layer in batch_norms}
     levels = [level for level in range(1, plan.levels + 1) if plan.targets.get(level) or plan.probes.get(level)]
     if progress is not None:
@@ -147,10 +174,28 @@ def measure(
         run.work += plan.needed if order is not None else 0  # the call that showed the order
         run.start(values)
         for level in levels:  # a level with nothing to measure is computed with the next one
-            run.step(level - 1, progress)
+            layers = plan.by_level.get(level, [])
+            if processes is None:
+                run.step(level - 1, progress)
+            else:
+                _step_across(processes, run, level - 1, progress, layers, stats)
             if on_level is not None:
-                on_level(plan.by_level.get(level, []), stats)
+                on_level(layers, stats)
     return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak, ran=order or [])
+
+
+def _step_across(processes, run, step, progress, layers, stats):
+    """`run.step` on this process's data, then each layer's statistics pooled over all processes."""
+    failure = None
+    try:
+        run.step(step, progress)
+    except Exception as error:
+        failure = error
+    sizes = [int(np.prod(layer.moving_mean.shape)) for layer in layers]
+    mine = None if failure else collective.pack([stats[id(layer)] for layer in layers], sizes)
+    rows = processes.exchange(mine, failure)
+    for layer, pooled in zip(layers, collective.merge_rows(rows, Pooled, sizes)):
+        stats[id(layer)] = pooled
 
 
 def _has_masks(flat):

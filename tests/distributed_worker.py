@@ -2,7 +2,8 @@
 devices (two logical CPUs) or its cluster (TF_CONFIG) once per process.
 
     python distributed_worker.py mirrored OUT.json
-    python distributed_worker.py multi_worker OUT.npz MODE   (TF_CONFIG set; MODE: loop or fit)
+    python distributed_worker.py multi_worker OUT.npz MODE   (TF_CONFIG set; MODE: loop, fit or recalibrate)
+    python distributed_worker.py reference OUT.npz           (one process: recalibrate on all the data)
 
 Each writes what it measured to OUT for the test to compare.
 """
@@ -127,6 +128,24 @@ def multi_worker(out, mode):
     np.savez(out, **arrays)
 
 
+def recalibrate_across(out):
+    """Each worker recalibrates on its own shard (unequal sizes): the statistics of both."""
+    import shards
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    with strategy.scope():
+        model = shards.make()
+    np.savez(out, **shards.recalibrate_on_shard(model, index, "MultiWorkerMirroredStrategy"))
+
+
+def reference(out):
+    """One process on all the recalibration data."""
+    import shards
+
+    np.savez(out, **shards.reference()[1])
+
+
 def _custom_loop(strategy, model, optimizer, x, y, steps=4, batch=8):
     """The multi-worker recipe: `strategy.run` on each worker's own batches.
 
@@ -155,5 +174,9 @@ def _custom_loop(strategy, model, optimizer, x, y, steps=4, batch=8):
 if __name__ == "__main__":
     if sys.argv[1] == "mirrored":
         mirrored(sys.argv[2])
+    elif sys.argv[1] == "reference":
+        reference(sys.argv[2])
+    elif sys.argv[3] == "recalibrate":
+        recalibrate_across(sys.argv[2])
     else:
         multi_worker(sys.argv[2], sys.argv[3])
