@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from bnseq import callbacks
 from bnseq.convert import batch_normalize
 from bnseq.export import ExportReport
 from bnseq.export import ToleranceError
@@ -34,6 +35,7 @@ __all__ = [
     "Sequential",
     "ToleranceError",
     "batch_normalize",
+    "callbacks",
     "export",
     "fold",
     "fold_report",

@@ -209,6 +209,19 @@ def check_batch_norm(batch_norm, owner=None):
     return options
 
 
+# What a user of each other backend gets instead of `synchronized=True` (tests/test_distributed.py).
+_UNSYNCHRONIZED = {
+    "jax": (
+        "On JAX there is nothing to synchronize: under keras.distribution.DataParallel a batch is one "
+        "array sharded over the devices, and its mean is computed across them. "
+    ),
+    "torch": (
+        "Keras has no distribution API on PyTorch: under DistributedDataParallel each process normalizes "
+        "its own batch; bnseq.recalibrate pools the statistics of a torch.distributed group. "
+    ),
+}
+
+
 def _check_values(options, where, received):
     """Raise a ValueError for option values BatchNormalization rejects.
 
@@ -238,6 +251,7 @@ def _check_values(options, where, received):
             f"{where}: `synchronized=True` needs the TensorFlow backend, where Keras "
             "all-reduces the batch statistics across the replicas of a "
             f"tf.distribute strategy; this process runs the {backend} backend. "
+            f"{_UNSYNCHRONIZED.get(backend, '')}"
             "Set KERAS_BACKEND=tensorflow before importing Keras, or leave "
             f"`synchronized` out. {received}"
         )

@@ -74,6 +74,16 @@ def mirrored(out):
             model.set_weights(make({"momentum": 0.0}).get_weights())
             results[name] = one_step(model)
 
+    # bnseq.callbacks.Recalibrate inside fit under the strategy, against one device.
+    import shards
+
+    callback = {"one": shards.fit_with_callback("one"), "two": None}
+    with strategy.scope():  # synchronized: each replica holds half of each batch
+        callback["two"] = shards.fit_with_callback("two", synchronized=True)
+    results["callback"] = {
+        name: {key.split("/")[1]: value.tolist() for key, value in arrays.items()} for name, arrays in callback.items()
+    }
+
     # A model built in the scope trains, saves, loads, lints and folds.
     with strategy.scope():
         model = make({"synchronized": True})

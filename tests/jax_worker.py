@@ -69,8 +69,11 @@ def devices(out):
     arrays["one/folded"] = bnseq.fold(one).predict(data, verbose=0)
     arrays["one/predicted"] = one.predict(data, verbose=0)
 
+    arrays.update(shards.fit_with_callback("one/callback"))
+
     distribution = keras.distribution.DataParallel(devices=jax.devices())
     with distribution.scope():
+        arrays.update(shards.fit_with_callback("two/callback"))
         two = make()
         train(two, gx, gy, batch_size=8)
         arrays.update(arrays_of(two, "two/trained"))

@@ -9,7 +9,7 @@ import numpy as np
 SHARD = 23  # examples on rank 0; rank 1 holds the other 37
 
 
-def make(momentum=0.5):
+def make(momentum=0.5, **options):
     """Three Dense layers, each batch-normalized: three levels of statistics, each after the last."""
     import keras
     from keras import layers
@@ -24,7 +24,7 @@ def make(momentum=0.5):
             layers.Dense(3, activation="relu"),
             layers.Dense(1),
         ],
-        batch_norm={"momentum": momentum},
+        batch_norm={"momentum": momentum, **options},
     )
 
 
@@ -78,3 +78,23 @@ def reference():
     arrays = weights_of(model, "recalibrated")
     arrays["samples"] = np.array([row.samples for row in report])
     return model, arrays
+
+
+def fit_with_callback(prefix, **options):
+    """Two epochs of `fit` with `bnseq.callbacks.Recalibrate` and validation: what it recorded."""
+    import keras
+
+    import bnseq
+
+    model = make(momentum=0.99, **options)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = recalibration_data()
+    y = x.sum(axis=1, keepdims=True)
+    callback = bnseq.callbacks.Recalibrate(x, batch_size=20)
+    history = model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=20, verbose=0, callbacks=[callback])
+    return {
+        f"{prefix}/epochs": np.array([-1 if epoch is None else epoch for epoch, _ in callback.reports]),
+        f"{prefix}/val_loss": np.array(history.history["val_loss"]),
+        f"{prefix}/evaluated": np.array(model.evaluate(x, y, batch_size=20, verbose=0)),
+        f"{prefix}/samples": np.array([row.samples for row in callback.reports[-1][1]]),
+    }

@@ -17,8 +17,14 @@ def test_synchronized_fails_when_the_model_is_made_on_other_backends():
     message = re.escape(
         "`batch_norm`: `synchronized=True` needs the TensorFlow backend, where Keras "
         "all-reduces the batch statistics across the replicas of a tf.distribute "
-        f"strategy; this process runs the {BACKEND} backend. Set "
-        "KERAS_BACKEND=tensorflow before importing Keras, or leave `synchronized` "
+        f"strategy; this process runs the {BACKEND} backend. "
+        + {
+            "jax": "On JAX there is nothing to synchronize: under keras.distribution.DataParallel a batch is "
+            "one array sharded over the devices, and its mean is computed across them. ",
+            "torch": "Keras has no distribution API on PyTorch: under DistributedDataParallel each process "
+            "normalizes its own batch; bnseq.recalibrate pools the statistics of a torch.distributed group. ",
+        }[BACKEND]
+        + "Set KERAS_BACKEND=tensorflow before importing Keras, or leave `synchronized` "
         "out. Received: batch_norm={'synchronized': True}"
     )
     with pytest.raises(ValueError, match=message):

@@ -140,6 +140,16 @@ def _arrays(path):
 
 
 @tensorflow_only
+def test_recalibrate_callback_under_mirrored_strategy(mirrored):
+    """Before each validation inside fit, across two replicas: as on one device."""
+    one, two = mirrored["callback"]["one"], mirrored["callback"]["two"]
+    assert two["epochs"] == one["epochs"] == [0, 1]
+    assert two["samples"] == [60, 60, 60]
+    assert two["evaluated"] == pytest.approx(two["val_loss"][-1], rel=1e-5)
+    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-4)
+
+
+@tensorflow_only
 def test_multi_worker_custom_loop(tmp_path):
     """Two workers, differently scaled data, synchronized BN: identical weights
     and moving statistics; without synchronization the statistics differ."""
@@ -235,6 +245,11 @@ def test_jax_data_parallel_on_two_devices_equals_one_device(tmp_path):
     assert difference > 0.1
     np.testing.assert_allclose(result["two/folded"], result["one/folded"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result["two/folded"], result["two/predicted"], rtol=1e-5, atol=1e-5)
+    # bnseq.callbacks.Recalibrate inside fit under the distribution: before each validation, as on one device.
+    assert result["two/callback/epochs"].tolist() == result["one/callback/epochs"].tolist() == [0, 1]
+    assert result["two/callback/samples"].tolist() == [60, 60, 60]
+    np.testing.assert_allclose(result["two/callback/evaluated"], result["two/callback/val_loss"][-1], rtol=1e-5)
+    np.testing.assert_allclose(result["two/callback/val_loss"], result["one/callback/val_loss"], rtol=1e-4)
 
 
 @jax_only

@@ -1,0 +1,115 @@
+"""`bnseq.callbacks`: exact BatchNormalization statistics while `fit` trains."""
+
+import keras
+
+from bnseq import data as data_module
+from bnseq import recalibrate as recalibrate_module
+
+
+class Recalibrate(keras.callbacks.Callback):
+    """Recalibrates every BatchNormalization inside `fit`: before each validation and at the end.
+
+    A BatchNormalization's moving statistics average the batches of the
+    last few hundred steps (Keras's default `momentum=0.99`), computed with
+    weights that have changed since; early in training, or with a high
+    learning rate, they do not describe the model being validated, and
+    validation accuracy lags far behind training accuracy for that reason
+    alone. This callback calls `bnseq.recalibrate(model, data)` after an
+    epoch's training and before its validation (so `val_` metrics,
+    `ModelCheckpoint` and `EarlyStopping` see exact statistics), and once
+    more at the end of training: the model `fit` returns has them. Training
+    then continues from the recalibrated statistics, as detectron2's
+    PreciseBN hook does.
+
+    Under a distribution the recalibration runs there too: under a
+    `tf.distribute` strategy or a `keras.distribution` (and, across
+    processes, each process passes its own shard as `data`: see
+    `bnseq.recalibrate`).
+
+    Cost: one `bnseq.recalibrate` over `data` per call (about one forward
+    pass over it), at most once per epoch plus once at the end; `steps`
+    bounds it.
+
+    Args:
+        data: what `bnseq.recalibrate` takes: arrays, a `tf.data.Dataset`,
+            a `keras.utils.PyDataset` or an iterable of batches; usually
+            (a sample of) the training inputs, without augmentation.
+        batch_size: int, optional. For arrays: the batch size (default 32).
+        steps: int, optional. Use only the first `steps` batches of `data`.
+        frequency: `"epoch"` or int. `"epoch"` recalibrates after every
+            epoch; an int `n` after every `n`-th epoch (the first `n - 1`
+            validations then see the moving statistics).
+        cache_limit: int or `"auto"`, as `bnseq.recalibrate` takes it.
+
+    Attributes:
+        reports: list of `(epoch, RecalibrationReport)`, one per
+            recalibration; `epoch` counts from 0, and is `None` for the one
+            at the end of training.
+
+    Example:
+
+    >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+    >>> y = x.sum(axis=1, keepdims=True)
+    >>> model = bnseq.Sequential(
+    ...     [keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)],
+    ...     batch_norm=True)
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> callback = bnseq.callbacks.Recalibrate(x, batch_size=32)
+    >>> history = model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[callback])
+    >>> [epoch for epoch, _ in callback.reports]  # before each validation; none left at the end
+    [0, 1]
+    """
+
+    def __init__(self, data, *, batch_size=None, steps=None, frequency="epoch", cache_limit="auto"):
+        super().__init__()
+        data_module.check_batching(batch_size, steps)
+        if frequency != "epoch" and (
+            isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
+        ):
+            raise ValueError(
+                f"`frequency` must be 'epoch' or a positive int (every that many epochs). Received: "
+                f"frequency={frequency!r}"
+            )
+        self.data, self.batch_size, self.steps = data, batch_size, steps
+        self.frequency, self.cache_limit = frequency, cache_limit
+        self.reports = []
+        self._fitting, self._trained, self._epoch = False, False, None
+
+    def on_train_begin(self, logs=None):
+        self._fitting, self._trained, self._epoch = True, False, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._trained = True
+
+    def on_test_begin(self, logs=None):
+        # Inside fit, validation runs between an epoch's training and `on_epoch_end`.
+        if self._fitting and self._due(self._epoch):
+            self._recalibrate(self._epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._due(epoch):  # an epoch without validation
+            self._recalibrate(epoch)
+
+    def on_train_end(self, logs=None):
+        self._recalibrate(None)
+        self._fitting = False
+
+    def _due(self, epoch):
+        return epoch is not None and (self.frequency == "epoch" or (epoch + 1) % self.frequency == 0)
+
+    def _recalibrate(self, epoch):
+        if not self._trained:  # nothing changed since the last one
+            return
+        report = recalibrate_module.recalibrate(
+            self.model,
+            self.data,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            verbose=0,
+            cache_limit=self.cache_limit,
+        )
+        self.reports.append((epoch, report))
+        self._trained = False
