@@ -1,6 +1,6 @@
 """bnseq: batch normalization in the right place, by construction, for Keras 3."""
 
-__version__ = "0.1.0"
+__version__ = "0.5.0"
 
 from bnseq import callbacks
 from bnseq.convert import batch_normalize

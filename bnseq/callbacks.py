@@ -46,18 +46,17 @@ class Recalibrate(keras.callbacks.Callback):
             recalibration; `epoch` counts from 0, and is `None` for the one
             at the end of training.
 
-    Example:
-
-    >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
-    >>> y = x.sum(axis=1, keepdims=True)
-    >>> model = bnseq.Sequential(
-    ...     [keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)],
-    ...     batch_norm=True)
-    >>> model.compile(optimizer="adam", loss="mse")
-    >>> callback = bnseq.callbacks.Recalibrate(x, batch_size=32)
-    >>> history = model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[callback])
-    >>> [epoch for epoch, _ in callback.reports]  # before each validation; none left at the end
-    [0, 1]
+    Examples:
+        >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+        >>> y = x.sum(axis=1, keepdims=True)
+        >>> model = bnseq.Sequential(
+        ...     [keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)],
+        ...     batch_norm=True)
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> callback = bnseq.callbacks.Recalibrate(x, batch_size=32)
+        >>> history = model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[callback])
+        >>> [epoch for epoch, _ in callback.reports]  # before each validation; none left at the end
+        [0, 1]
     """
 
     def __init__(self, data, *, batch_size=None, steps=None, frequency="epoch", cache_limit="auto"):

@@ -36,7 +36,7 @@ def _parser():
     demo.add_argument("--epochs", type=_positive, default=15, help="epochs per network (default 15)")
     demo.add_argument("--seed", type=int, default=0, help="data split and initialization seed (default 0)")
     demo.add_argument(
-        "--out", default="bnseq-demo.png", help="where to save the plot (default bnseq-demo.png)"
+        "--out", default="bnseq-demo.png", help="where to save the plot (default: bnseq-demo.png in the current folder)"
     )
     lint = commands.add_parser(
         "lint",

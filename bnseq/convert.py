@@ -89,18 +89,17 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
             `data`, if the model is not built or a BatchNormalization's
             output cannot be kept (see above).
 
-    Example:
-
-    >>> inputs = keras.Input((8,))
-    >>> x = keras.layers.Dense(16, activation="relu")(inputs)
-    >>> x = keras.layers.BatchNormalization()(x)   # after the activation
-    >>> model = keras.Model(inputs, keras.layers.Dense(1)(x))
-    >>> fixed = bnseq.batch_normalize(model)
-    >>> [type(layer).__name__ for layer in fixed.layers]
-    ['InputLayer', 'Dense', 'BatchNormalization', 'Activation', 'Dense', \
+    Examples:
+        >>> inputs = keras.Input((8,))
+        >>> x = keras.layers.Dense(16, activation="relu")(inputs)
+        >>> x = keras.layers.BatchNormalization()(x)   # after the activation
+        >>> model = keras.Model(inputs, keras.layers.Dense(1)(x))
+        >>> fixed = bnseq.batch_normalize(model)
+        >>> [type(layer).__name__ for layer in fixed.layers]
+        ['InputLayer', 'Dense', 'BatchNormalization', 'Activation', 'Dense', \
 'BatchNormalization']
-    >>> bnseq.lint(fixed)
-    []
+        >>> bnseq.lint(fixed)
+        []
     """
     options = rules.check_batch_norm(batch_norm)
     if options is False:

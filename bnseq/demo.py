@@ -8,6 +8,7 @@ naive placement users write (`Dense(..., activation=...)` then
 and lints the naive one, and saves a plot of test accuracy against step.
 """
 
+import os
 import time
 
 import keras
@@ -221,5 +222,5 @@ def run(epochs=15, seed=0, out="bnseq-demo.png", print_fn=print):
         print_fn(f"  {finding}")
 
     plot({kind: results[kind][1:3] for kind in NAMES}, out, epochs)
-    print_fn(f"\nPlot of test accuracy against training step: {out}")
+    print_fn(f"\nPlot of test accuracy against training step: {os.path.abspath(out)}")
     return 0

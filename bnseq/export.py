@@ -247,13 +247,12 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
             not fit the model, or an artifact its runtime cannot run (kept
             under a `.failed-check` name).
 
-    Example:
-
-    >>> model = bnseq.Sequential([keras.Input((4,)), keras.layers.Dense(3)], batch_norm=True)
-    >>> import tempfile, os
-    >>> report = bnseq.export(model, os.path.join(tempfile.mkdtemp(), "model.keras"))
-    >>> report.format, report.folded, report.max_rel < 1e-5
-    ('keras', 1, True)
+    Examples:
+        >>> model = bnseq.Sequential([keras.Input((4,)), keras.layers.Dense(3)], batch_norm=True)
+        >>> import tempfile, os
+        >>> report = bnseq.export(model, os.path.join(tempfile.mkdtemp(), "model.keras"))
+        >>> report.format, report.folded, report.max_rel < 1e-5
+        ('keras', 1, True)
     """
     source = None if isinstance(model, keras.Model) else model
     path = os.fspath(path)

@@ -39,12 +39,11 @@ def batch_norm_affine(moving_mean, moving_variance, epsilon, gamma=None, beta=No
     Returns:
         (scale, shift), two float64 arrays.
 
-    Example:
-
-    >>> scale, shift = batch_norm_affine(
-    ...     np.array([1.0]), np.array([4.0]), 0.0, gamma=np.array([2.0]))
-    >>> scale, shift
-    (array([1.]), array([-1.]))
+    Examples:
+        >>> scale, shift = batch_norm_affine(
+        ...     np.array([1.0]), np.array([4.0]), 0.0, gamma=np.array([2.0]))
+        >>> scale, shift
+        (array([1.]), array([-1.]))
     """
     mean = np.asarray(moving_mean, np.float64)
     scale = 1.0 / np.sqrt(np.asarray(moving_variance, np.float64) + epsilon)
@@ -144,9 +143,12 @@ def forward_folded_weights(layer, scale, shift, kernel=None, bias=None):
 
     Args:
         layer: a layer `why_not_forward` accepts, built.
-        scale, shift: arrays, one value per input channel.
-        kernel, bias: arrays, optional. The values to fold into (default: the
-            layer's own; no bias is zeros).
+        scale: array. One value per input channel.
+        shift: array. One value per input channel.
+        kernel: array, optional. The kernel to fold into (default: the
+            layer's own).
+        bias: array, optional. The bias to fold into (default: the layer's
+            own; no bias is zeros).
 
     Returns:
         (kernel, bias) as float64 arrays.
@@ -214,19 +216,18 @@ def fold_report(model, *, safe_mode=True):
     Returns:
         list of `FoldDecision`.
 
-    Example:
-
-    >>> model = keras.Sequential([
-    ...     keras.Input((4,)),
-    ...     keras.layers.Dense(3, use_bias=False, name="d"),
-    ...     keras.layers.BatchNormalization(name="bn"),
-    ...     keras.layers.ReLU(name="relu"),
-    ...     keras.layers.BatchNormalization(name="late"),
-    ... ])
-    >>> for decision in bnseq.fold_report(model):
-    ...     print(decision)
-    bn: folded into d
-    late: kept, it follows ReLU 'relu', which is not a linear layer
+    Examples:
+        >>> model = keras.Sequential([
+        ...     keras.Input((4,)),
+        ...     keras.layers.Dense(3, use_bias=False, name="d"),
+        ...     keras.layers.BatchNormalization(name="bn"),
+        ...     keras.layers.ReLU(name="relu"),
+        ...     keras.layers.BatchNormalization(name="late"),
+        ... ])
+        >>> for decision in bnseq.fold_report(model):
+        ...     print(decision)
+        bn: folded into d
+        late: kept, it follows ReLU 'relu', which is not a linear layer
     """
     model = files.as_model(model, safe_mode=safe_mode)
     return [decision for _, _, decision, _ in _decide(graph_module.walk(model))]
@@ -420,20 +421,19 @@ def fold(model, *, strict=False, safe_mode=True):
         ValueError: if `model` is not built, or, with `strict=True`, if a
             BatchNormalization cannot fold (the message lists each and why).
 
-    Example:
-
-    >>> model = bnseq.Sequential(
-    ...     [keras.Input((4,)), keras.layers.Dense(3, activation="relu")],
-    ...     batch_norm=True)
-    >>> folded = bnseq.fold(model)
-    >>> [type(layer).__name__ for layer in folded.layers]
-    ['Dense']
-    >>> folded.layers[0].get_config()["activation"]
-    'relu'
-    >>> x = np.ones((2, 4), "float32")
-    >>> expected = keras.ops.convert_to_numpy(model(x, training=False))
-    >>> bool(np.allclose(keras.ops.convert_to_numpy(folded(x)), expected, atol=1e-6))
-    True
+    Examples:
+        >>> model = bnseq.Sequential(
+        ...     [keras.Input((4,)), keras.layers.Dense(3, activation="relu")],
+        ...     batch_norm=True)
+        >>> folded = bnseq.fold(model)
+        >>> [type(layer).__name__ for layer in folded.layers]
+        ['Dense']
+        >>> folded.layers[0].get_config()["activation"]
+        'relu'
+        >>> x = np.ones((2, 4), "float32")
+        >>> expected = keras.ops.convert_to_numpy(model(x, training=False))
+        >>> bool(np.allclose(keras.ops.convert_to_numpy(folded(x)), expected, atol=1e-6))
+        True
     """
     return fold_with_report(model, strict=strict, safe_mode=safe_mode)[0]
 
@@ -452,13 +452,12 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
     Returns:
         (the folded model, list of `FoldDecision`).
 
-    Example:
-
-    >>> model = bnseq.Sequential(
-    ...     [keras.Input((4,)), keras.layers.Dense(3)], batch_norm=True)
-    >>> folded, report = bnseq.fold_with_report(model)
-    >>> [str(decision) for decision in report]  # doctest: +ELLIPSIS
-    ['dense..._bn: folded into dense...']
+    Examples:
+        >>> model = bnseq.Sequential(
+        ...     [keras.Input((4,)), keras.layers.Dense(3)], batch_norm=True)
+        >>> folded, report = bnseq.fold_with_report(model)
+        >>> [str(decision) for decision in report]  # doctest: +ELLIPSIS
+        ['dense..._bn: folded into dense...']
     """
     if not isinstance(model, keras.Model) and not isinstance(model, (str, os.PathLike)):
         raise TypeError(

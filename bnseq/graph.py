@@ -110,17 +110,16 @@ def walk(model):
     Returns:
         `Graph`.
 
-    Example:
-
-    >>> inputs = keras.Input((4,))
-    >>> dense = keras.layers.Dense(3, name="d")
-    >>> bn = keras.layers.BatchNormalization(name="bn")
-    >>> model = keras.Model(inputs, bn(dense(inputs)))
-    >>> graph = walk(model)
-    >>> [layer.name for layer in graph.layers]
-    ['d', 'bn']
-    >>> graph.sole_producer(bn) is dense, graph.feeds_only(dense, bn)
-    (True, True)
+    Examples:
+        >>> inputs = keras.Input((4,))
+        >>> dense = keras.layers.Dense(3, name="d")
+        >>> bn = keras.layers.BatchNormalization(name="bn")
+        >>> model = keras.Model(inputs, bn(dense(inputs)))
+        >>> graph = walk(model)
+        >>> [layer.name for layer in graph.layers]
+        ['d', 'bn']
+        >>> graph.sole_producer(bn) is dense, graph.feeds_only(dense, bn)
+        (True, True)
     """
     flat = flatten(model)
     layers, parents, output_specs = [], {}, {}

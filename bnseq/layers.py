@@ -45,14 +45,13 @@ class BatchNormalization(layers.BatchNormalization):
         axis: `"auto"` or int. The axis to normalize.
         **kwargs: the other `keras.layers.BatchNormalization` arguments.
 
-    Example:
-
-    >>> inputs = keras.Input((3, 8, 8))
-    >>> x = keras.layers.Conv2D(4, 3, use_bias=False, data_format="channels_first")(inputs)
-    >>> bn = bnseq.BatchNormalization()
-    >>> y = bn(x)
-    >>> bn.axis, type(bn) is keras.layers.BatchNormalization
-    (1, True)
+    Examples:
+        >>> inputs = keras.Input((3, 8, 8))
+        >>> x = keras.layers.Conv2D(4, 3, use_bias=False, data_format="channels_first")(inputs)
+        >>> bn = bnseq.BatchNormalization()
+        >>> y = bn(x)
+        >>> bn.axis, type(bn) is keras.layers.BatchNormalization
+        (1, True)
     """
 
     def __new__(cls, axis="auto", **kwargs):

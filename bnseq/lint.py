@@ -102,17 +102,16 @@ def lint(model_or_path, *, safe_mode=True):
         FileNotFoundError: if the path does not exist.
         ValueError: if the file is not a Keras model Keras can load.
 
-    Example:
-
-    >>> model = keras.Sequential([
-    ...     keras.Input((4,)),
-    ...     keras.layers.Dense(8, activation="relu", name="hidden"),
-    ...     keras.layers.BatchNormalization(name="bn"),
-    ... ])
-    >>> for finding in bnseq.lint(model):
-    ...     print(finding.code, finding.layer, finding.producer)
-    BN001 bn hidden
-    BN002 bn hidden
+    Examples:
+        >>> model = keras.Sequential([
+        ...     keras.Input((4,)),
+        ...     keras.layers.Dense(8, activation="relu", name="hidden"),
+        ...     keras.layers.BatchNormalization(name="bn"),
+        ... ])
+        >>> for finding in bnseq.lint(model):
+        ...     print(finding.code, finding.layer, finding.producer)
+        BN001 bn hidden
+        BN002 bn hidden
     """
     model = files.as_model(model_or_path, safe_mode=safe_mode)
     graph = graph_module.walk(model)

@@ -31,18 +31,17 @@ def with_batch_norm(layer, **options):
         TypeError: if `layer` is not a Keras layer.
         ValueError: if it is not a linear layer, or an option is invalid.
 
-    Example:
-
-    >>> model = bnseq.Sequential([
-    ...     keras.Input((4,)),
-    ...     bnseq.with_batch_norm(keras.layers.Dense(8, activation="relu"),
-    ...                           momentum=0.9),
-    ...     keras.layers.Dense(2),
-    ... ])
-    >>> [type(layer).__name__ for layer in model.layers]
-    ['Dense', 'BatchNormalization', 'Activation', 'Dense']
-    >>> model.layers[1].momentum
-    0.9
+    Examples:
+        >>> model = bnseq.Sequential([
+        ...     keras.Input((4,)),
+        ...     bnseq.with_batch_norm(keras.layers.Dense(8, activation="relu"),
+        ...                           momentum=0.9),
+        ...     keras.layers.Dense(2),
+        ... ])
+        >>> [type(layer).__name__ for layer in model.layers]
+        ['Dense', 'BatchNormalization', 'Activation', 'Dense']
+        >>> model.layers[1].momentum
+        0.9
     """
     _check_markable(layer, "with_batch_norm")
     rewrite.check_splittable(layer)
@@ -64,15 +63,14 @@ def without_batch_norm(layer):
     Raises:
         TypeError: if `layer` is not a Keras layer.
 
-    Example:
-
-    >>> model = bnseq.Sequential([
-    ...     keras.Input((4,)),
-    ...     keras.layers.Dense(8, activation="relu"),
-    ...     bnseq.without_batch_norm(keras.layers.Dense(2, activation="softmax")),
-    ... ], batch_norm=True)
-    >>> [type(layer).__name__ for layer in model.layers]
-    ['Dense', 'BatchNormalization', 'Activation', 'Dense']
+    Examples:
+        >>> model = bnseq.Sequential([
+        ...     keras.Input((4,)),
+        ...     keras.layers.Dense(8, activation="relu"),
+        ...     bnseq.without_batch_norm(keras.layers.Dense(2, activation="softmax")),
+        ... ], batch_norm=True)
+        >>> [type(layer).__name__ for layer in model.layers]
+        ['Dense', 'BatchNormalization', 'Activation', 'Dense']
     """
     _check_markable(layer, "without_batch_norm")
     MARKS[layer] = False

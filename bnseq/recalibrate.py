@@ -150,14 +150,13 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             BatchNormalization takes its own output as input. The model's
             statistics are then left as they were.
 
-    Example:
-
-    >>> model = bnseq.Sequential(
-    ...     [keras.Input((3,)), keras.layers.Dense(4)], batch_norm=True)
-    >>> x = np.random.default_rng(0).normal(2.0, 3.0, size=(50, 3)).astype("float32")
-    >>> report = bnseq.recalibrate(model, x, batch_size=16, verbose=0)
-    >>> [(row.batch_norm, row.samples) for row in report]  # doctest: +ELLIPSIS
-    [('dense..._bn', 50)]
+    Examples:
+        >>> model = bnseq.Sequential(
+        ...     [keras.Input((3,)), keras.layers.Dense(4)], batch_norm=True)
+        >>> x = np.random.default_rng(0).normal(2.0, 3.0, size=(50, 3)).astype("float32")
+        >>> report = bnseq.recalibrate(model, x, batch_size=16, verbose=0)
+        >>> [(row.batch_norm, row.samples) for row in report]  # doctest: +ELLIPSIS
+        [('dense..._bn', 50)]
     """
     if not isinstance(model, keras.Model):
         raise TypeError(

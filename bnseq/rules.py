@@ -168,16 +168,15 @@ def check_batch_norm(batch_norm, owner=None):
         ValueError: if the dict has `axis`, an unknown key, or a value that
             `BatchNormalization` rejects.
 
-    Example:
-
-    >>> check_batch_norm(True)
-    {}
-    >>> check_batch_norm({"momentum": 0.9})
-    {'momentum': 0.9}
-    >>> check_batch_norm({"axis": 1})
-    Traceback (most recent call last):
-    ...
-    ValueError: `batch_norm` cannot set `axis`: bnseq puts each ...
+    Examples:
+        >>> check_batch_norm(True)
+        {}
+        >>> check_batch_norm({"momentum": 0.9})
+        {'momentum': 0.9}
+        >>> check_batch_norm({"axis": 1})
+        Traceback (most recent call last):
+        ...
+        ValueError: `batch_norm` cannot set `axis`: bnseq puts each ...
     """
     if isinstance(batch_norm, (bool, np.bool_)):  # NumPy's booleans too, as Keras takes them
         return {} if batch_norm else False
@@ -293,12 +292,11 @@ def placement_problems(producer, batch_norm_layer, *, shared=False):
     Returns:
         list of `(code, message)` tuples, empty when the placement is right.
 
-    Example:
-
-    >>> dense = keras.layers.Dense(4)
-    >>> [code for code, _ in placement_problems(
-    ...     dense, keras.layers.BatchNormalization())]
-    ['BN001']
+    Examples:
+        >>> dense = keras.layers.Dense(4)
+        >>> [code for code, _ in placement_problems(
+        ...     dense, keras.layers.BatchNormalization())]
+        ['BN001']
     """
     problems = []
     if is_linear(producer) and producer.use_bias and not shared:

@@ -58,19 +58,18 @@ class Sequential(units.Units, keras.Sequential):
         ValueError: if `batch_norm` has `axis`, an unknown key, or a value
             `BatchNormalization` rejects.
 
-    Example:
-
-    >>> model = bnseq.Sequential(batch_norm=True)
-    >>> model.add(keras.Input((3, 8, 8)))
-    >>> model.add(keras.layers.Conv2D(4, 3, data_format="channels_first"))
-    >>> model.add(keras.layers.Flatten())
-    >>> model.add(keras.layers.Dense(16, activation="relu"))
-    >>> model.add(keras.layers.Dense(10, activation="softmax"), batch_norm=False)
-    >>> [type(layer).__name__ for layer in model.layers]
-    ['Conv2D', 'BatchNormalization', 'Flatten', 'Dense', 'BatchNormalization', \
+    Examples:
+        >>> model = bnseq.Sequential(batch_norm=True)
+        >>> model.add(keras.Input((3, 8, 8)))
+        >>> model.add(keras.layers.Conv2D(4, 3, data_format="channels_first"))
+        >>> model.add(keras.layers.Flatten())
+        >>> model.add(keras.layers.Dense(16, activation="relu"))
+        >>> model.add(keras.layers.Dense(10, activation="softmax"), batch_norm=False)
+        >>> [type(layer).__name__ for layer in model.layers]
+        ['Conv2D', 'BatchNormalization', 'Flatten', 'Dense', 'BatchNormalization', \
 'Activation', 'Dense']
-    >>> model.layers[1].axis, model.layers[4].axis, model.layers[0].use_bias
-    (1, -1, False)
+        >>> model.layers[1].axis, model.layers[4].axis, model.layers[0].use_bias
+        (1, -1, False)
     """
 
     def __init__(self, layers=None, trainable=True, name=None, *, batch_norm=False):
@@ -121,12 +120,11 @@ class Sequential(units.Units, keras.Sequential):
                 the model), or if its name is taken. The model is left exactly
                 as it was.
 
-        Example:
-
-        >>> model = bnseq.Sequential([keras.Input((4,))])
-        >>> model.add(keras.layers.Dense(8, activation="relu"), batch_norm=True)
-        >>> [layer.name for layer in model.layers]  # doctest: +ELLIPSIS
-        ['dense...', 'dense..._bn', 'dense..._relu']
+        Examples:
+            >>> model = bnseq.Sequential([keras.Input((4,))])
+            >>> model.add(keras.layers.Dense(8, activation="relu"), batch_norm=True)
+            >>> [layer.name for layer in model.layers]  # doctest: +ELLIPSIS
+            ['dense...', 'dense..._bn', 'dense..._relu']
         """
         self._add(layer, rebuild, batch_norm, len(self.layers))
 
@@ -259,13 +257,12 @@ class Sequential(units.Units, keras.Sequential):
             ValueError: if the model has no layers (also an `IndexError`, as
                 `keras.Sequential.pop` raises).
 
-        Example:
-
-        >>> model = bnseq.Sequential([keras.Input((4,))], batch_norm=True)
-        >>> dense = keras.layers.Dense(8, activation="relu")
-        >>> model.add(dense)
-        >>> model.pop() is dense, len(model.layers)
-        (True, 0)
+        Examples:
+            >>> model = bnseq.Sequential([keras.Input((4,))], batch_norm=True)
+            >>> dense = keras.layers.Dense(8, activation="relu")
+            >>> model.add(dense)
+            >>> model.pop() is dense, len(model.layers)
+            (True, 0)
         """
         if not self._unit_sizes:
             # keras.Sequential raises here too (an IndexError), but only after

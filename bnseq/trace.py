@@ -110,20 +110,19 @@ def trace(layer, args, kwargs):
     Returns:
         `Trace`.
 
-    Example:
-
-    >>> class Block(keras.Layer):
-    ...     def __init__(self, **kwargs):
-    ...         super().__init__(**kwargs)
-    ...         self.dense = keras.layers.Dense(3, use_bias=False)
-    ...         self.bn = keras.layers.BatchNormalization()
-    ...     def call(self, x):
-    ...         return keras.ops.relu(self.bn(self.dense(x)))
-    >>> block = Block()
-    >>> _ = block(np.ones((2, 4), "float32"))
-    >>> result = trace(block, (keras.KerasTensor((None, 4)),), {})
-    >>> [type(op).__name__ for op in result.model.operations]
-    ['InputLayer', 'Dense', 'BatchNormalization', 'Relu']
+    Examples:
+        >>> class Block(keras.Layer):
+        ...     def __init__(self, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.dense = keras.layers.Dense(3, use_bias=False)
+        ...         self.bn = keras.layers.BatchNormalization()
+        ...     def call(self, x):
+        ...         return keras.ops.relu(self.bn(self.dense(x)))
+        >>> block = Block()
+        >>> _ = block(np.ones((2, 4), "float32"))
+        >>> result = trace(block, (keras.KerasTensor((None, 4)),), {})
+        >>> [type(op).__name__ for op in result.model.operations]
+        ['InputLayer', 'Dense', 'BatchNormalization', 'Relu']
     """
     key = _key(args, kwargs)
     traces = _TRACES.setdefault(layer, {})
