@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 
+from bnseq import collective
 from bnseq import data as data_module
 from bnseq import files
 from bnseq import fold as fold_module
@@ -71,7 +72,11 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
             normalizations this adds (those already in the model keep theirs).
         data: optional. Data the model takes, as for `bnseq.recalibrate`
             (arrays, a `tf.data.Dataset`, a `PyDataset`, batches), to keep
-            the model's predictions.
+            the model's predictions. In a multi-process run (as
+            `bnseq.recalibrate` describes; on TensorFlow, called inside the
+            `MultiWorkerMirroredStrategy` scope) each process passes its own
+            shard, the statistics are pooled over all of them, and every
+            process gets the same model.
         batch_size: int, optional. For array `data` (default 32).
         steps: int, optional. Use only the first `steps` batches of `data`.
         safe_mode: bool. Keras's `safe_mode` for loading a file: `False` for
@@ -227,15 +232,28 @@ def _plan(graph, options, batch_norm, keep, model_name):
 
 
 def _keep_predictions(model, inserted, batches):
-    """Calibrate each inserted BatchNormalization so that it gives back `x + bias`."""
-    if not batches:
-        raise ValueError("batch_normalize(data=...) needs data with at least one batch.")
-    # With gamma = sqrt(v + eps) and beta = m + bias, a BatchNormalization gives
-    # x + bias in inference for any moving m and v: first make every inserted one
-    # do so with its initial statistics, then one pass measures them all.
-    for bn, bias in inserted:
-        _set_affine(bn, bias)
-    stats = segments.measure(model, batches, [bn for bn, _ in inserted], chained=False).stats
+    """Calibrate each inserted BatchNormalization so that it gives back `x + bias`.
+
+    In a multi-process run (collective.py) each process passes its own shard
+    and the statistics are pooled over all of them, so every process ends
+    with the same model.
+    """
+    processes = collective.processes_of(model)
+    try:
+        if not batches:
+            raise ValueError("batch_normalize(data=...) needs data with at least one batch.")
+        # With gamma = sqrt(v + eps) and beta = m + bias, a BatchNormalization gives
+        # x + bias in inference for any moving m and v: first make every inserted one
+        # do so with its initial statistics, then one pass measures them all.
+        for bn, bias in inserted:
+            _set_affine(bn, bias)
+    except Exception as error:
+        if processes is not None:  # the other processes are told, and stop too
+            processes.exchange(None, error)
+        raise
+    stats = segments.measure(
+        model, batches, [bn for bn, _ in inserted], chained=False, processes=processes
+    ).stats
     for bn, bias in inserted:
         stats[id(bn)].assign_to(bn)
         _set_affine(bn, bias)

@@ -144,9 +144,9 @@ def recalibrate_across(out):
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    with strategy.scope():
+    with strategy.scope():  # batch_normalize's new model is made here too
         model = shards.make()
-    np.savez(out, **shards.recalibrate_on_shard(model, index, "MultiWorkerMirroredStrategy"))
+        np.savez(out, **shards.recalibrate_on_shard(model, index, "MultiWorkerMirroredStrategy"))
 
 
 def reference(out):

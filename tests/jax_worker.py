@@ -120,6 +120,8 @@ def reference(out):
     report = bnseq.recalibrate(model, shards.recalibration_data(), batch_size=8, verbose=0)
     arrays.update(arrays_of(model, "recalibrated"))
     arrays["samples"] = np.array([row.samples for row in report])
+    normalized = bnseq.batch_normalize(shards.plain(), data=shards.recalibration_data(), batch_size=8)
+    arrays.update(arrays_of(normalized, "normalized"))
     np.savez(out, **arrays)
 
 

@@ -66,6 +66,7 @@ def recalibrate_on_shard(model, rank, kind):
         arrays["failure"] = np.array(f"{type(error).__name__}: {error}")
     after = weights_of(model, "before")
     arrays["unchanged"] = np.array(all(np.array_equal(before[key], after[key]) for key in before))
+    arrays.update(batch_normalize_on_shard(rank))
     return arrays
 
 
@@ -77,6 +78,7 @@ def reference():
     report = bnseq.recalibrate(model, recalibration_data(), batch_size=8, verbose=0)
     arrays = weights_of(model, "recalibrated")
     arrays["samples"] = np.array([row.samples for row in report])
+    arrays.update(weights_of(bnseq.batch_normalize(plain(), data=recalibration_data(), batch_size=8), "normalized"))
     return model, arrays
 
 
@@ -98,3 +100,28 @@ def fit_with_callback(prefix, **options):
         f"{prefix}/evaluated": np.array(model.evaluate(x, y, batch_size=20, verbose=0)),
         f"{prefix}/samples": np.array([row.samples for row in callback.reports[-1][1]]),
     }
+
+
+def plain():
+    """The same network as `make`, without batch normalization: what `batch_normalize` rewrites."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(3, activation="relu"),
+            layers.Dense(3, activation="relu"),
+            layers.Dense(1),
+        ]
+    )
+
+
+def batch_normalize_on_shard(rank):
+    """`batch_normalize(data=)` with this rank's shard: the weights of the model it returns."""
+    import bnseq
+
+    data = recalibration_data()
+    shard = data[:SHARD] if rank == 0 else data[SHARD:]
+    return weights_of(bnseq.batch_normalize(plain(), data=shard, batch_size=8), "normalized")

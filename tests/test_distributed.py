@@ -206,6 +206,12 @@ def _pooled(outs):
         "stopped with its statistics as they were. The error is in process 1's output."
     )
     assert first["unchanged"] and second["unchanged"]
+    # batch_normalize(data=shard): the same model on every process, as one process on all the data.
+    normalized = sorted(key for key in alone if key.startswith("normalized/"))
+    assert len(normalized) >= 12
+    for key in normalized:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+        np.testing.assert_allclose(first[key], alone[key], rtol=1e-5, atol=1e-6, err_msg=key)
     return first, second, alone
 
 
