@@ -93,8 +93,12 @@ class Processes:
 
 
 def signature(layers):
-    """A few numbers that differ when two processes' lists of BatchNormalization layers differ."""
-    text = json.dumps([(layer.name, list(layer.moving_mean.shape)) for layer in layers])
+    """A few numbers that differ when two processes' lists of BatchNormalization layers differ.
+
+    By class and statistics' shape, in order: not by name, since Keras names
+    layers by a per-process counter that other models made first advance.
+    """
+    text = json.dumps([(type(layer).__name__, list(layer.moving_mean.shape)) for layer in layers])
     digest = hashlib.sha256(text.encode()).digest()[:12]
     return np.frombuffer(digest, np.uint32).astype(np.float64)
 

@@ -163,7 +163,7 @@ def measure(
         if any(not np.array_equal(row, rows[processes.rank]) for row in rows):
             raise ValueError(
                 f"The processes of this {processes.kind} run hold different models (their BatchNormalization "
-                "layers differ in names or sizes). Every process must recalibrate the same model."
+                "layers differ in number or sizes). Every process must recalibrate the same model."
             )
     stats = {id(layer): Pooled() for layer in batch_norms}
     levels = [level for level in range(1, plan.levels + 1) if plan.targets.get(level) or plan.probes.get(level)]

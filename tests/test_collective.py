@@ -76,3 +76,65 @@ def test_a_jax_variable_sharded_across_processes_is_refused():
         "(keras.distribution.DataParallel). Received: a variable of shape (4, 8)"
     )):
         compiled._local(Variable())
+
+
+def test_the_signature_reads_the_layers_not_their_names():
+    import keras
+
+    def layers(*sizes, prefix):
+        made = [keras.layers.BatchNormalization(name=f"{prefix}_{i}") for i in range(len(sizes))]
+        for layer, size in zip(made, sizes):
+            layer.build((None, size))
+        return made
+
+    same = collective.signature(layers(3, 4, prefix="a"))
+    np.testing.assert_array_equal(same, collective.signature(layers(3, 4, prefix="b")))
+    assert not np.array_equal(same, collective.signature(layers(3, 5, prefix="a")))
+    assert not np.array_equal(same, collective.signature(layers(3, prefix="a")))
+
+
+def _model():
+    import keras
+
+    import bnseq
+
+    return bnseq.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)], batch_norm=True
+    )
+
+
+def test_recalibrate_with_a_peer_holding_the_same_data(monkeypatch):
+    """A scripted second process that sends back what this one sends: twice the samples, the same statistics."""
+    import bnseq
+
+    x = np.random.default_rng(0).normal(1.0, 2.0, size=(40, 3)).astype("float32")
+    alone, pooled = _model(), _model()
+    pooled.set_weights(alone.get_weights())
+    expected = bnseq.recalibrate(alone, x, batch_size=16, verbose=0)
+    monkeypatch.setattr(collective, "processes_of", lambda model: _Peer(lambda words: words))
+    report = bnseq.recalibrate(pooled, x, batch_size=16, verbose=0)
+    assert report.processes == 2 and "statistics pooled over 2 processes" in str(report)
+    assert [row.samples for row in report] == [2 * row.samples for row in expected] == [80, 80]
+    for mine, theirs in zip(pooled.get_weights(), alone.get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_recalibrate_refuses_a_peer_with_another_model_and_changes_nothing(monkeypatch):
+    import bnseq
+
+    model = _model()
+    before = model.get_weights()
+    rounds = []
+
+    def other_model(words):  # the status round agrees; the signature round does not
+        rounds.append(len(words))
+        return words if len(rounds) == 1 else words + 1
+
+    monkeypatch.setattr(collective, "processes_of", lambda model: _Peer(other_model))
+    with pytest.raises(ValueError, match=re.escape(
+        "The processes of this scripted run hold different models (their BatchNormalization layers differ in "
+        "number or sizes). Every process must recalibrate the same model."
+    )):
+        bnseq.recalibrate(model, np.ones((8, 3), "float32"), verbose=0)
+    for now, then in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(now, then)
