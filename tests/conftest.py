@@ -12,6 +12,10 @@ from hypothesis import settings  # noqa: E402
 
 import bnseq  # noqa: E402
 
+# The workers of tests/test_distributed.py are scripts it runs in subprocesses, each setting up its
+# backend and devices: not test modules (nor doctest modules) to import here.
+collect_ignore_glob = ["*_worker.py"]
+
 # A fixed example budget with no deadline: these machines are shared and
 # noisy, and Keras model building is slow enough that timing would flake.
 # `ci` also derandomizes, so a CI run is repeatable.

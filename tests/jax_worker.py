@@ -11,13 +11,8 @@ Each writes what it measured to OUT for the test to compare.
 import os
 import sys
 
-os.environ["KERAS_BACKEND"] = "jax"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if sys.argv[1] == "devices":
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-
-import numpy as np  # noqa: E402
-import shards  # noqa: E402
+import numpy as np
+import shards
 
 PROCESSES = 2
 make = shards.make
@@ -126,7 +121,13 @@ def reference(out):
 
 
 if __name__ == "__main__":
+    # Before Keras and JAX are imported (each function imports them): the backend, and for
+    # `devices` two simulated CPU devices.
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     mode, target = sys.argv[1], sys.argv[2]
+    if mode == "devices":
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     if mode == "devices":
         devices(target)
     elif mode == "process":

@@ -13,10 +13,8 @@ with `torch.nn.parallel.DistributedDataParallel` in such a group, and
 import os
 import sys
 
-os.environ["KERAS_BACKEND"] = "torch"
-
-import numpy as np  # noqa: E402
-import shards  # noqa: E402
+import numpy as np
+import shards
 
 
 def process(out, rank, port):
@@ -31,6 +29,7 @@ def process(out, rank, port):
 
 
 if __name__ == "__main__":
+    os.environ["KERAS_BACKEND"] = "torch"  # before Keras is imported (by shards, in each function)
     if sys.argv[1] == "process":
         process(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
