@@ -21,6 +21,7 @@ it sends) and then the data, so that a process that failed (bad data, NaN)
 makes every process raise instead of leaving the others waiting.
 """
 
+import contextlib
 import hashlib
 import json
 
@@ -90,6 +91,21 @@ class Processes:
 
     def _gather_words(self, words):
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def failures_shared(processes):
+    """Inside the block, an exception is first told to the other `processes` (if any), then raised.
+
+    The others learn it at their next `exchange`, and raise `ProcessFailure`
+    instead of waiting for this process.
+    """
+    try:
+        yield
+    except Exception as error:
+        if processes is not None:
+            processes.exchange(None, error)  # raises `error`, after telling the others
+        raise
 
 
 def signature(layers):

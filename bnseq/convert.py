@@ -239,7 +239,7 @@ def _keep_predictions(model, inserted, batches):
     with the same model.
     """
     processes = collective.processes_of(model)
-    try:
+    with collective.failures_shared(processes):  # the other processes are told, and stop too
         if not batches:
             raise ValueError("batch_normalize(data=...) needs data with at least one batch.")
         # With gamma = sqrt(v + eps) and beta = m + bias, a BatchNormalization gives
@@ -247,10 +247,6 @@ def _keep_predictions(model, inserted, batches):
         # do so with its initial statistics, then one pass measures them all.
         for bn, bias in inserted:
             _set_affine(bn, bias)
-    except Exception as error:
-        if processes is not None:  # the other processes are told, and stop too
-            processes.exchange(None, error)
-        raise
     stats = segments.measure(
         model, batches, [bn for bn, _ in inserted], chained=False, processes=processes
     ).stats

@@ -164,7 +164,7 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
     processes = collective.processes_of(model)
-    try:
+    with collective.failures_shared(processes):  # the other processes are told, and stop too
         segments.check_cache_limit(cache_limit)
         batches = data_module.batches_of(data, batch_size, steps)
         if not batches:
@@ -173,10 +173,6 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             probes.infer(model, batches[0])
         flat = graph_module.flatten(model)
         in_order = flat.batch_norms()
-    except Exception as error:
-        if processes is not None:  # the other processes are told, and stop too
-            processes.exchange(None, error)
-        raise
     before = {id(layer): _statistics_of(layer) for layer in in_order}
     show = verbose != 0 and in_order and (processes is None or processes.rank == 0)
     progress = keras.utils.Progbar(None, unit_name="step") if show else None

@@ -143,8 +143,7 @@ def measure(
         ValueError: if a BatchNormalization takes its own output (through
             other layers) as input, which no statistics can be exact for.
     """
-    failure = None
-    try:
+    with collective.failures_shared(processes):
         limit = _cache_limit(cache_limit)
         flat = flat or graph_module.flatten(model)
         if _has_masks(flat):
@@ -154,12 +153,8 @@ def measure(
         order = _run_order(model, flat, batches, batch_norms)
         plan = _plan_for(model, flat, batch_norms, chained, order)
         values = [data.model_inputs(model, x, flat) for x in batches]
-    except Exception as error:
-        if processes is None:
-            raise
-        failure = error
     if processes is not None:  # every process made the same plan, or all stop here
-        rows = processes.exchange(None if failure else collective.signature(batch_norms), failure)
+        rows = processes.exchange(collective.signature(batch_norms))
         if any(not np.array_equal(row, rows[processes.rank]) for row in rows):
             raise ValueError(
                 f"The processes of this {processes.kind} run hold different models (their BatchNormalization "
@@ -175,25 +170,19 @@ def measure(
         run.start(values)
         for level in levels:  # a level with nothing to measure is computed with the next one
             layers = plan.by_level.get(level, [])
-            if processes is None:
+            with collective.failures_shared(processes):
                 run.step(level - 1, progress)
-            else:
-                _step_across(processes, run, level - 1, progress, layers, stats)
+            if processes is not None:
+                _pool(processes, layers, stats)
             if on_level is not None:
                 on_level(layers, stats)
     return Measurement(stats=stats, passes=run.passes(), cache_peak=run.peak, ran=order or [])
 
 
-def _step_across(processes, run, step, progress, layers, stats):
-    """`run.step` on this process's data, then each layer's statistics pooled over all processes."""
-    failure = None
-    try:
-        run.step(step, progress)
-    except Exception as error:
-        failure = error
+def _pool(processes, layers, stats):
+    """Each layer's statistics pooled over all processes, each having measured its own data."""
     sizes = [int(np.prod(layer.moving_mean.shape)) for layer in layers]
-    mine = None if failure else collective.pack([stats[id(layer)] for layer in layers], sizes)
-    rows = processes.exchange(mine, failure)
+    rows = processes.exchange(collective.pack([stats[id(layer)] for layer in layers], sizes))
     for layer, pooled in zip(layers, collective.merge_rows(rows, Pooled, sizes)):
         stats[id(layer)] = pooled
 

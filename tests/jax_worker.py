@@ -15,7 +15,6 @@ import numpy as np
 import shards
 
 PROCESSES = 2
-make = shards.make
 
 
 def training_data():
@@ -40,9 +39,6 @@ def train(model, x, y, batch_size):
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
 
 
-arrays_of = shards.weights_of
-
-
 def devices(out):
     """One process, two devices: training, recalibrate and fold under DataParallel against one device."""
     import jax
@@ -56,11 +52,11 @@ def devices(out):
     data = shards.recalibration_data()
     arrays = {}
 
-    one = make()
+    one = shards.make()
     train(one, gx, gy, batch_size=8)
-    arrays.update(arrays_of(one, "one/trained"))
+    arrays.update(shards.weights_of(one, "one/trained"))
     bnseq.recalibrate(one, data, batch_size=8, verbose=0)
-    arrays.update(arrays_of(one, "one/recalibrated"))
+    arrays.update(shards.weights_of(one, "one/recalibrated"))
     arrays["one/folded"] = bnseq.fold(one).predict(data, verbose=0)
     arrays["one/predicted"] = one.predict(data, verbose=0)
 
@@ -69,19 +65,19 @@ def devices(out):
     distribution = keras.distribution.DataParallel(devices=jax.devices())
     with distribution.scope():
         arrays.update(shards.fit_with_callback("two/callback"))
-        two = make()
+        two = shards.make()
         train(two, gx, gy, batch_size=8)
-        arrays.update(arrays_of(two, "two/trained"))
+        arrays.update(shards.weights_of(two, "two/trained"))
         arrays["two/sharding"] = np.array(str(two.layers[1].moving_mean.value.sharding))
         bnseq.recalibrate(two, data, batch_size=8, verbose=0)
-        arrays.update(arrays_of(two, "two/recalibrated"))
+        arrays.update(shards.weights_of(two, "two/recalibrated"))
         arrays["two/folded"] = bnseq.fold(two).predict(data, verbose=0)
         arrays["two/predicted"] = two.predict(data, verbose=0)
 
     # Without synchronizing: each device's half alone, as one device sees it (the comparison can fail).
-    halves = make()
+    halves = shards.make()
     train(halves, x[:8], y[:8], batch_size=4)
-    arrays.update(arrays_of(halves, "halves/trained"))
+    arrays.update(shards.weights_of(halves, "halves/trained"))
     np.savez(out, **arrays)
 
 
@@ -96,27 +92,21 @@ def process(out, rank, port):
     distribution.auto_shard_dataset = False  # each process passes its own shard
     keras.distribution.set_distribution(distribution)
     x, y = training_data()
-    model = make()
+    model = shards.make()
     train(model, x[8 * rank : 8 * rank + 8], y[8 * rank : 8 * rank + 8], batch_size=4)
-    arrays = arrays_of(model, "trained")
+    arrays = shards.weights_of(model, "trained")
     arrays.update(shards.recalibrate_on_shard(model, rank, "jax.distributed"))
     np.savez(out, **arrays)
 
 
 def reference(out):
     """One process on all the data: what the two processes must agree with."""
-    import bnseq
-
     x, y = training_data()
     gx, gy = global_batches(x, y)
-    model = make()
+    model = shards.make()
     train(model, gx, gy, batch_size=8)
-    arrays = arrays_of(model, "trained")
-    report = bnseq.recalibrate(model, shards.recalibration_data(), batch_size=8, verbose=0)
-    arrays.update(arrays_of(model, "recalibrated"))
-    arrays["samples"] = np.array([row.samples for row in report])
-    normalized = bnseq.batch_normalize(shards.plain(), data=shards.recalibration_data(), batch_size=8)
-    arrays.update(arrays_of(normalized, "normalized"))
+    arrays = shards.weights_of(model, "trained")
+    arrays.update(shards.reference(model))
     np.savez(out, **arrays)
 
 

@@ -9,23 +9,20 @@ import numpy as np
 SHARD = 23  # examples on rank 0; rank 1 holds the other 37
 
 
-def make(momentum=0.5, **options):
-    """Three Dense layers, each batch-normalized: three levels of statistics, each after the last."""
+def _layers():
+    """Three Dense layers, seeded: the same weights on every process."""
     import keras
     from keras import layers
 
+    keras.utils.set_random_seed(0)
+    return [keras.Input((4,)), layers.Dense(3, activation="relu"), layers.Dense(3, activation="relu"), layers.Dense(1)]
+
+
+def make(momentum=0.5, **options):
+    """The three Dense layers, each batch-normalized: three levels of statistics, each after the last."""
     import bnseq
 
-    keras.utils.set_random_seed(0)
-    return bnseq.Sequential(
-        [
-            keras.Input((4,)),
-            layers.Dense(3, activation="relu"),
-            layers.Dense(3, activation="relu"),
-            layers.Dense(1),
-        ],
-        batch_norm={"momentum": momentum, **options},
-    )
+    return bnseq.Sequential(_layers(), batch_norm={"momentum": momentum, **options})
 
 
 def recalibration_data():
@@ -70,16 +67,16 @@ def recalibrate_on_shard(model, rank, kind):
     return arrays
 
 
-def reference():
-    """One process, all the data."""
+def reference(model=None):
+    """One process on all the data: `model` (default `make()`) recalibrated, and `batch_normalize`."""
     import bnseq
 
-    model = make()
+    model = make() if model is None else model
     report = bnseq.recalibrate(model, recalibration_data(), batch_size=8, verbose=0)
     arrays = weights_of(model, "recalibrated")
     arrays["samples"] = np.array([row.samples for row in report])
     arrays.update(weights_of(bnseq.batch_normalize(plain(), data=recalibration_data(), batch_size=8), "normalized"))
-    return model, arrays
+    return arrays
 
 
 def fit_with_callback(prefix, **options):
@@ -105,17 +102,8 @@ def fit_with_callback(prefix, **options):
 def plain():
     """The same network as `make`, without batch normalization: what `batch_normalize` rewrites."""
     import keras
-    from keras import layers
 
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            layers.Dense(3, activation="relu"),
-            layers.Dense(3, activation="relu"),
-            layers.Dense(1),
-        ]
-    )
+    return keras.Sequential(_layers())
 
 
 def batch_normalize_on_shard(rank):

@@ -258,18 +258,23 @@ def test_jax_data_parallel_on_two_devices_equals_one_device(tmp_path):
     np.testing.assert_allclose(result["two/callback/val_loss"], result["one/callback/val_loss"], rtol=1e-4)
 
 
+def run_ranks(tmp_path, worker, env):
+    """`worker process` as ranks 0 and 1 on one port of 127.0.0.1, and `worker reference` alone: their outputs."""
+    (port,) = _free_ports(1)
+    outs = [tmp_path / "process0.npz", tmp_path / "process1.npz", tmp_path / "alone.npz"]
+    codes, errors = run_processes(
+        [([worker, "process", str(outs[rank]), str(rank), str(port)], env) for rank in range(2)]
+        + [([worker, "reference", str(outs[2])], env)]
+    )
+    _check(codes, errors)
+    return outs
+
+
 @jax_only
 def test_jax_two_processes_train_and_recalibrate_as_one(tmp_path):
     """Two processes (jax.distributed, DataParallel): each trains on its half of every global batch
     and recalibrates on its own shard; one process on all the data gets the same."""
-    (port,) = _free_ports(1)
-    outs = [tmp_path / "process0.npz", tmp_path / "process1.npz", tmp_path / "alone.npz"]
-    codes, errors = run_processes(
-        [([JAX_WORKER, "process", str(outs[rank]), str(rank), str(port)], JAX_ENV) for rank in range(2)]
-        + [([JAX_WORKER, "reference", str(outs[2])], JAX_ENV)]
-    )
-    _check(codes, errors)
-    first, second, alone = _pooled(outs)
+    first, second, alone = _pooled(run_ranks(tmp_path, JAX_WORKER, JAX_ENV))
     keys = [key for key in alone if key.startswith("trained/")]
     for key in keys:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
@@ -282,11 +287,4 @@ TORCH_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "torch"
 @torch_only
 def test_torch_process_group_recalibrate_pools_the_shards(tmp_path):
     """A torch.distributed process group (gloo): each process recalibrates on its own shard."""
-    (port,) = _free_ports(1)
-    outs = [tmp_path / "process0.npz", tmp_path / "process1.npz", tmp_path / "alone.npz"]
-    codes, errors = run_processes(
-        [([TORCH_WORKER, "process", str(outs[rank]), str(rank), str(port)], TORCH_ENV) for rank in range(2)]
-        + [([TORCH_WORKER, "reference", str(outs[2])], TORCH_ENV)]
-    )
-    _check(codes, errors)
-    _pooled(outs)
+    _pooled(run_ranks(tmp_path, TORCH_WORKER, TORCH_ENV))

@@ -33,4 +33,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "process":
         process(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
-        np.savez(sys.argv[2], **shards.reference()[1])
+        np.savez(sys.argv[2], **shards.reference())
