@@ -22,7 +22,7 @@ def cancelled_biases(model):
         if (
             isinstance(layer, layers.BatchNormalization)
             and producer is not None
-            and bnseq.rules.is_linear(producer)
+            and bnseq.kinds.is_linear(producer)
             and producer.use_bias
         ):
             count = int(np.prod(producer.bias.shape))

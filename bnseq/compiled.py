@@ -13,7 +13,7 @@ import inspect
 import keras
 
 from bnseq import graph as graph_module
-from bnseq import masking
+from bnseq import internals
 
 
 class Function:
@@ -35,7 +35,7 @@ class Function:
         for call in self.step.calls:
             execute(call, values)
         moments = [
-            _moments(values[ref], layer, masking.get_keras_mask(values[ref])) for layer, ref in self.step.targets
+            _moments(values[ref], layer, internals.keras_mask(values[ref])) for layer, ref in self.step.targets
         ]
         for call, layers in self.step.probes:
             with self.capture.recording(layers) as seen:
@@ -269,7 +269,7 @@ class Capturing:
                 self.order.append(layer)
             if self.seen is not None and id(layer) in self.seen:
                 mask = kwargs.get("mask")
-                self.seen[id(layer)].append((inputs, masking.get_keras_mask(inputs) if mask is None else mask))
+                self.seen[id(layer)].append((inputs, internals.keras_mask(inputs) if mask is None else mask))
             return call(inputs, *args, **kwargs)
 
         return recording_call

@@ -10,6 +10,7 @@ from bnseq import data as data_module
 from bnseq import files
 from bnseq import fold as fold_module
 from bnseq import graph as graph_module
+from bnseq import kinds
 from bnseq import notices
 from bnseq import rewrite
 from bnseq import rules
@@ -152,12 +153,12 @@ def _plan(graph, options, batch_norm, keep, model_name):
     forward = []  # (BatchNormalization after an activation, the linear layer it folds forward into)
     taken = {layer.name for layer in graph.layers}
     for layer in graph.layers:
-        if not rules.is_linear(layer):
+        if not kinds.is_linear(layer):
             continue
-        why = rewrite.why_not_copied(layer)
+        why = kinds.why_not_copied(layer)
         if why is not None:
             notices.warn(
-                f"batch_normalize keeps {rules.describe(layer)} as it is, without BatchNormalization: {why}. "
+                f"batch_normalize keeps {kinds.describe(layer)} as it is, without BatchNormalization: {why}. "
                 "Normalize it by hand (use_bias=False, BatchNormalization, then the activation)."
             )
             continue
@@ -183,16 +184,16 @@ def _plan(graph, options, batch_norm, keep, model_name):
             plan.finish.append(lambda source=existing, target=new_bn: _carry_weights(source, target))
             if keep:
                 target, why_not = fold_module.forward_target(graph, existing)
-                if target is None or rewrite.why_not_copied(target) is not None:
+                if target is None or kinds.why_not_copied(target) is not None:
                     why_not = why_not or (
                         "its output does not go to one linear layer alone"
                         if target is None
-                        else f"{rules.describe(target)} cannot be re-created"
+                        else f"{kinds.describe(target)} cannot be re-created"
                     )
                     raise ValueError(
                         f"batch_normalize(data=...) cannot keep the predictions of model "
-                        f"'{model_name}': {rules.describe(existing)} normalizes the output of the "
-                        f"activation of {rules.describe(layer)}, and moving it before the activation loses the "
+                        f"'{model_name}': {kinds.describe(existing)} normalizes the output of the "
+                        f"activation of {kinds.describe(layer)}, and moving it before the activation loses the "
                         f"affine map it applies there, which cannot fold forward into the layer after it "
                         f"({why_not}). Leave `data` out (the model is rewritten, its new statistics start "
                         "afresh), or place that BatchNormalization before the activation yourself."
@@ -201,12 +202,12 @@ def _plan(graph, options, batch_norm, keep, model_name):
                 inserted.append((new_bn, layer))
         else:
             shape = graph.output_shape(layer)
-            rank = len(shape) if shape is not None else rules.output_rank(layer)
-            if keep and not rules.same_axis(existing.axis, rules.channel_axis(layer), rank):
+            rank = len(shape) if shape is not None else kinds.output_rank(layer)
+            if keep and not kinds.same_axis(existing.axis, kinds.channel_axis(layer), rank):
                 raise ValueError(
                     f"batch_normalize(data=...) cannot keep the predictions of model '{model_name}': "
-                    f"{rules.describe(existing)} normalizes axis {existing.axis}, not the channel axis "
-                    f"{rules.channel_axis(layer)} of {rules.describe(layer)}, so its statistics do not carry "
+                    f"{kinds.describe(existing)} normalizes axis {existing.axis}, not the channel axis "
+                    f"{kinds.channel_axis(layer)} of {kinds.describe(layer)}, so its statistics do not carry "
                     "over to the BatchNormalization that replaces it. Leave `data` out, or fix its axis first."
                 )
             plan.finish.append(lambda source=existing, target=new_bn: _carry_weights(source, target))
@@ -300,10 +301,10 @@ def _existing_batch_norm(graph, layer):
         if graph.parents.get(id(following)) is not parent:
             return None, False
         if isinstance(following, keras.layers.BatchNormalization):
-            return following, step is not layer or not rules.is_identity(layer.activation)
-        if step is not layer or not isinstance(following, rules.ACTIVATION_LAYERS):
+            return following, step is not layer or not kinds.is_identity(layer.activation)
+        if step is not layer or not isinstance(following, kinds.ACTIVATION_LAYERS):
             return None, False
-        if not rules.is_identity(layer.activation):
+        if not kinds.is_identity(layer.activation):
             return None, False
         step = following
     return None, False

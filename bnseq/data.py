@@ -5,7 +5,7 @@ import itertools
 import keras
 import numpy as np
 
-from bnseq import graph as graph_module
+from bnseq import internals
 
 
 def batches_of(data, batch_size, steps):
@@ -65,7 +65,7 @@ def model_inputs(model, x, flat=None):
     size 1 is added or dropped. A subclassed model takes the batch as it
     comes: whole, or as its leaves where it traced (`flat.traced`).
     """
-    if not (isinstance(model, keras.Sequential) or graph_module.is_functional(model)):
+    if not (isinstance(model, keras.Sequential) or internals.is_functional(model)):
         tensors = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
         if flat is not None and flat.traced:
             leaves = keras.tree.flatten(tensors)

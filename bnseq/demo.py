@@ -16,7 +16,7 @@ import numpy as np
 from keras import layers
 
 import bnseq
-from bnseq import rules
+from bnseq import kinds
 from bnseq.fold import fold_with_report
 
 # Three sigmoid layers of 100 units trained with plain SGD: the setting of
@@ -66,7 +66,7 @@ def wasted_bias_parameters(model):
     return sum(
         int(layer.bias.shape[0])
         for layer, following in zip(model.layers, model.layers[1:])
-        if rules.is_linear(layer)
+        if kinds.is_linear(layer)
         and layer.use_bias
         and isinstance(following, layers.BatchNormalization)
     )

@@ -30,7 +30,7 @@ import numpy as np
 
 from bnseq import files
 from bnseq import fold as fold_module
-from bnseq import graph
+from bnseq import internals
 from bnseq import notices
 from bnseq import probes
 
@@ -546,7 +546,7 @@ def _quantization_refused(model, quantize, error):
     # The converter's locations name the layer's scope: "sequential_1/odd_erf_1/Erf@...".
     layers = [
         layer.name
-        for layer in graph.inner_layers(model)
+        for layer in internals.inner_layers(model)
         if not getattr(layer, "layers", None) and re.search(rf"(?<!\w){re.escape(layer.name)}(_\d+)?/", text)
     ]
     operations = sorted(set(re.findall(r"'(tf\.\w+|tfl\.\w+)' op", text)))
@@ -846,7 +846,7 @@ def _statistics_restored(model, active):
 
 def _lowest_precision(model):
     dtypes = {keras.backend.standardize_dtype(getattr(layer, "compute_dtype", None) or "float32")
-              for layer in [model, *graph.inner_layers(model)]}
+              for layer in [model, *internals.inner_layers(model)]}
     for dtype in ("bfloat16", "float16"):
         if dtype in dtypes:
             return dtype

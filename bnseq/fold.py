@@ -17,9 +17,9 @@ import numpy as np
 
 from bnseq import files
 from bnseq import graph as graph_module
+from bnseq import kinds
 from bnseq import probes
 from bnseq import rewrite
-from bnseq import rules
 
 # Fold math ----------------------------------------------------------------
 
@@ -114,28 +114,24 @@ def why_not_forward(layer):
     convolutions that do not pad (`padding="valid"`, or every kernel size 1).
     Under zero padding a border output would see `s * 0 + t` where it sees 0.
     """
-    kinds = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+    foldable = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
     transposed = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-    if not isinstance(layer, kinds) or isinstance(layer, transposed):
-        return f"{rules.describe(layer)} is not a Dense layer or a plain or depthwise convolution"
-    if type(layer) not in kinds:
-        return f"{rules.describe(layer)} is a subclass of {_keras_base(layer).__name__}"
+    if not isinstance(layer, foldable) or isinstance(layer, transposed):
+        return f"{kinds.describe(layer)} is not a Dense layer or a plain or depthwise convolution"
+    if type(layer) not in foldable:
+        return f"{kinds.describe(layer)} is a subclass of {kinds.keras_base(layer).__name__}"
     if len(layer.weights) != 1 + int(layer.use_bias):
-        return f"{rules.describe(layer)} has weights beyond kernel and bias (quantized or LoRA)"
+        return f"{kinds.describe(layer)} has weights beyond kernel and bias (quantized or LoRA)"
     if getattr(layer, "groups", 1) != 1:
-        return f"{rules.describe(layer)} is a grouped convolution"
+        return f"{kinds.describe(layer)} is a grouped convolution"
     if not isinstance(layer, keras.layers.Dense) and layer.padding != "valid":
         if any(size != 1 for size in layer.kernel_size):
             return (
-                f"{rules.describe(layer)} pads its input ({layer.padding!r}) with a kernel larger than 1, "
+                f"{kinds.describe(layer)} pads its input ({layer.padding!r}) with a kernel larger than 1, "
                 "where the shift would not reach the padded border"
             )
     return None
-
-
-def _keras_base(layer):
-    return next(kind for kind in type(layer).__mro__ if kind.__module__.startswith("keras."))
 
 
 def forward_folded_weights(layer, scale, shift, kernel=None, bias=None):
@@ -243,7 +239,7 @@ def _decide(graph):
     for layer in graph.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
             for hidden in graph.hidden_batch_norms(layer):
-                reason = f"it is inside {rules.describe(layer)}, and {graph.why_opaque(layer)}"
+                reason = f"it is inside {kinds.describe(layer)}, and {graph.why_opaque(layer)}"
                 decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason), None))
             continue
         producer = graph.sole_producer(layer)
@@ -270,24 +266,24 @@ def forward_target(graph, bn):
     if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
         return None, ""
     (consumer,) = consumers
-    if not rules.is_linear(consumer):
+    if not kinds.is_linear(consumer):
         return None, ""
     if graph.producers(consumer) != [bn] or graph.calls_of(consumer) != 1:
-        return None, f"{rules.describe(consumer)} also takes other inputs"
+        return None, f"{kinds.describe(consumer)} also takes other inputs"
     if graph.parents.get(id(consumer)) is not graph.parents.get(id(bn)):
-        return None, f"{rules.describe(consumer)} is in a different model"
+        return None, f"{kinds.describe(consumer)} is in a different model"
     reason = why_not_forward(consumer)
     if reason is not None:
         return None, reason
     shape = graph.output_shape(bn)
-    rank = len(shape) if shape is not None else rules.output_rank(consumer)
-    expected = -1 if isinstance(consumer, keras.layers.Dense) else rules.channel_axis(consumer)
-    if not rules.same_axis(bn.axis, expected, rank):
-        return None, f"its axis {bn.axis} is not the input channel axis of {rules.describe(consumer)}"
+    rank = len(shape) if shape is not None else kinds.output_rank(consumer)
+    expected = -1 if isinstance(consumer, keras.layers.Dense) else kinds.channel_axis(consumer)
+    if not kinds.same_axis(bn.axis, expected, rank):
+        return None, f"its axis {bn.axis} is not the input channel axis of {kinds.describe(consumer)}"
     if not consumer.use_bias and _bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
-        return None, f"{rules.describe(consumer)} would need a bias this backend adds on the wrong axis"
+        return None, f"{kinds.describe(consumer)} would need a bias this backend adds on the wrong axis"
     if not consumer.use_bias and _fuses_wrongly(graph, consumer, consumer):
-        return None, _FUSION_REASON.format(layer=rules.describe(consumer))
+        return None, _FUSION_REASON.format(layer=kinds.describe(consumer))
     return consumer, None
 
 
@@ -300,35 +296,35 @@ def _why_not(graph, producer, bn):
             if count == 0
             else f"it takes the outputs of {count} layers"
         )
-    if not rules.is_linear(producer):
-        return f"it follows {rules.describe(producer)}, which is not a linear layer"
-    if not rules.is_identity(producer.activation):
+    if not kinds.is_linear(producer):
+        return f"it follows {kinds.describe(producer)}, which is not a linear layer"
+    if not kinds.is_identity(producer.activation):
         return (
-            f"{rules.describe(producer)} applies its activation before it; "
+            f"{kinds.describe(producer)} applies its activation before it; "
             "only a linear layer with the identity activation folds"
         )
     if not graph.feeds_only(producer, bn):
-        return f"the output of {rules.describe(producer)} is also used elsewhere"
+        return f"the output of {kinds.describe(producer)} is also used elsewhere"
     if graph.parents.get(id(producer)) is not graph.parents.get(id(bn)):
-        return f"it is in a different model than {rules.describe(producer)}"
-    if not rules.same_axis(bn.axis, rules.channel_axis(producer), rules.output_rank(producer)):
+        return f"it is in a different model than {kinds.describe(producer)}"
+    if not kinds.same_axis(bn.axis, kinds.channel_axis(producer), kinds.output_rank(producer)):
         return (
             f"its axis {bn.axis} is not the channel axis of "
-            f"{rules.describe(producer)}"
+            f"{kinds.describe(producer)}"
         )
     if _bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
         return (
-            f"{rules.describe(producer)} is channels_first with as many channels "
+            f"{kinds.describe(producer)} is channels_first with as many channels "
             "as its last spatial size, where this Keras backend adds a bias "
             "along the last axis in eager calls; folding would change the "
             "outputs"
         )
-    why = rewrite.why_not_copied(producer)  # folding re-creates it from its config
+    why = kinds.why_not_copied(producer)  # folding re-creates it from its config
     if why is not None:
-        return f"{rules.describe(producer)} cannot be re-created from its config: {why}"
+        return f"{kinds.describe(producer)} cannot be re-created from its config: {why}"
     activation = _activation_after(graph, bn)
     if _fuses_wrongly(graph, producer, activation or bn):
-        return _FUSION_REASON.format(layer=rules.describe(producer))
+        return _FUSION_REASON.format(layer=kinds.describe(producer))
     return None
 
 
@@ -370,7 +366,7 @@ def _bias_lands_on_the_wrong_axis(layer, shape):
     (`predict`'s compiled graph is right). The layer's own BatchNormalization
     is not affected, so folding would change outputs exactly then.
     """
-    if rules.channel_axis(layer) != 1:
+    if kinds.channel_axis(layer) != 1:
         return False
     if shape is None:
         return True  # unknown: keep the BatchNormalization, to be safe

@@ -21,6 +21,8 @@ import dataclasses
 
 import keras
 
+from bnseq import internals
+from bnseq import kinds
 from bnseq import trace as trace_module
 
 
@@ -85,7 +87,7 @@ class Graph:
         reason = self.opaque.get(id(layer))
         if reason:
             return f"it could not be traced: {reason}"
-        if type(layer).__module__.startswith("keras."):
+        if kinds.is_keras_class(type(layer)):
             return "it is a Keras layer whose call() bnseq does not trace"
         return "its call() has no graph"
 
@@ -253,7 +255,7 @@ def flatten(model):
         inputs = [Ref("input", spec)]
         structure = inputs[0]
         outputs = flattener.model(model, inputs, parent=None)
-    elif is_functional(model):
+    elif internals.is_functional(model):
         inputs = [Ref(tensor.name, tensor) for tensor in model.inputs]
         structure = keras.tree.pack_sequence_as(model.input, inputs)
         outputs = flattener.model(model, inputs, parent=None)
@@ -286,7 +288,7 @@ def flatten(model):
 
 def _packed(model, outputs):
     """The output `Ref`s as `model`'s output is structured (a list when unknown)."""
-    if is_functional(model):
+    if internals.is_functional(model):
         try:
             return keras.tree.pack_sequence_as(model.output, list(outputs))
         except (ValueError, TypeError):
@@ -308,7 +310,7 @@ def _uncalled(model, flat):
         seen.update(id(each) for each in hidden_batch_norms(call.operation))
     return [
         layer
-        for layer in inner_layers(model)
+        for layer in internals.inner_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in seen
     ]
 
@@ -358,21 +360,6 @@ def _built_input(model):
         return None
 
 
-def is_functional(model):
-    """Whether Keras holds a graph of layer calls for `model`.
-
-    True for models built from inputs and outputs, subclasses built that way
-    included; False for Sequential models (read by their layer list) and for
-    subclassed models whose `call()` has no graph.
-    """
-    if isinstance(model, keras.Sequential):
-        return False
-    try:
-        return model.outputs is not None and model._nodes_by_depth is not None
-    except AttributeError:
-        return False
-
-
 def hidden_batch_norms(layer):
     """BatchNormalization layers inside a leaf that no walk can see into.
 
@@ -381,37 +368,7 @@ def hidden_batch_norms(layer):
     """
     if not isinstance(layer, keras.Layer) or isinstance(layer, keras.layers.BatchNormalization):
         return []
-    return [each for each in inner_layers(layer) if isinstance(each, keras.layers.BatchNormalization)]
-
-
-def inner_layers(layer):
-    """Every layer inside `layer` (not itself), for one whose insides no walk can see.
-
-    `Layer._flatten_layers` is private Keras API; no public one lists the
-    layers a subclassed layer or model holds (checked on Keras 3.14 and 3.15).
-    """
-    return list(layer._flatten_layers(include_self=False))
-
-
-def calls_of(model):
-    """The layer calls of a functional model, producers before consumers.
-
-    Yields `(operation, arguments, input tensors, output tensors)` for each
-    call, in Keras's own order (by depth, then by `model.operations`), where
-    `arguments` is `(args, kwargs)` as the call was made. This reads Keras's
-    private graph state (`_nodes_by_depth`, a node's `operation`, `is_input`,
-    `arguments`, `input_tensors`, `outputs`), the same state
-    `keras.models.clone_model` replays; it is isolated here and was checked on
-    Keras 3.14 and 3.15 (tests/test_graph.py fails loudly if it changes).
-    """
-    order = {id(operation): index for index, operation in enumerate(model.operations)}
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        nodes = sorted(model._nodes_by_depth[depth], key=lambda node: order.get(id(node.operation), -1))
-        for node in nodes:
-            if node.is_input or node.operation is None:
-                continue
-            arguments = (node.arguments.args, node.arguments.kwargs)
-            yield node.operation, arguments, list(node.input_tensors), keras.tree.flatten(node.outputs)
+    return [each for each in internals.inner_layers(layer) if isinstance(each, keras.layers.BatchNormalization)]
 
 
 class _Flattener:
@@ -430,7 +387,8 @@ class _Flattener:
         without `outputs`, work out the output's spec (a layer after it may
         be traced, which needs its input's shape).
         """
-        if isinstance(operation, keras.Model) and (isinstance(operation, keras.Sequential) or is_functional(operation)):
+        nested = isinstance(operation, keras.Sequential) or internals.is_functional(operation)
+        if isinstance(operation, keras.Model) and nested:
             results = self.model(operation, sources, parent)
             # A nested Sequential's last Ref may have no spec; the outer call recorded it (a traced
             # layer after the nested model needs its input's shape).
@@ -490,7 +448,7 @@ class _Flattener:
 
         # A traced layer's calls belong to the model that holds the layer: they are inlined there.
         holder = parent if inline else model
-        for operation, (call_args, call_kwargs), inputs, outputs in calls_of(model):
+        for operation, (call_args, call_kwargs), inputs, outputs in internals.calls_of(model):
             results = self.call(
                 operation,
                 keras.tree.map_structure(ref_of, call_args),

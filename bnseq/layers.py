@@ -13,6 +13,7 @@ using it saves and loads where bnseq is not installed, and `lint`, `fold` and
 import keras
 from keras import layers
 
+from bnseq import internals
 from bnseq import layout
 from bnseq import notices
 from bnseq import rules
@@ -94,18 +95,9 @@ def is_auto(layer):
 
 
 def _producer(tensor):
-    """The layer that produced a Keras symbolic tensor, or `None`.
-
-    `KerasTensor._keras_history` is private Keras API; no public one names a
-    tensor's producer (checked on Keras 3.14 and 3.15).
-    """
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None
-    operation = history.operation
-    if isinstance(operation, layers.InputLayer):
-        return None
-    return operation
+    """The layer that produced a Keras symbolic tensor, or `None` (a model input, or not symbolic)."""
+    history = internals.history_of(tensor)
+    return None if history is None else history[0]
 
 
 def _axis_after(tensor):

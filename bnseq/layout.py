@@ -40,7 +40,8 @@ import keras
 from keras import layers
 
 from bnseq import graph as graph_module
-from bnseq import rules
+from bnseq import internals
+from bnseq import kinds
 from bnseq import trace as trace_module
 
 # Keras operations that move or merge axes: their output's layout is not their input's.
@@ -79,14 +80,14 @@ def transfer(operation, inputs, output_shape):
         return 1
     if rank < 2:
         return None
-    if rules.is_linear(operation) or getattr(operation, "data_format", None) in ("channels_first", "channels_last"):
+    if kinds.is_linear(operation) or getattr(operation, "data_format", None) in ("channels_first", "channels_last"):
         return 1 if getattr(operation, "data_format", None) == "channels_first" else rank - 1
     name = type(operation).__name__
     if isinstance(operation, layers.Permute):
         return _permuted(operation.dims, inputs)
     if isinstance(operation, layers.Reshape) or name == "Reshape":
         return _reshaped(inputs, output_shape)
-    if name in _REARRANGING or isinstance(operation, layers.Lambda) or not _is_keras(operation):
+    if name in _REARRANGING or isinstance(operation, layers.Lambda) or not kinds.is_keras_class(type(operation)):
         return None
     same = [axis for axis, shape in inputs if shape is not None and tuple(shape) == tuple(output_shape)]
     if isinstance(operation, layers.Concatenate):
@@ -94,10 +95,6 @@ def transfer(operation, inputs, output_shape):
     if not same or any(axis is None for axis in same) or len(set(same)) != 1:
         return None
     return same[0]
-
-
-def _is_keras(operation):
-    return type(operation).__module__.startswith("keras.")
 
 
 def _permuted(dims, inputs):
@@ -124,8 +121,8 @@ def _reshaped(inputs, output_shape):
 def axis_of_tensor(tensor):
     """The channel axis of a Keras symbolic tensor, read from what produced it (`None`: unknown).
 
-    Reads `KerasTensor._keras_history` and `Operation._inbound_nodes`, private
-    Keras API: no public one names a tensor's producer (Keras 3.14, 3.15).
+    The producer comes from `internals.history_of` (private Keras state: no
+    public API names a tensor's producer).
     """
     return _Walker().axis(tensor)
 
@@ -143,19 +140,17 @@ class _Walker:
 
     def _axis(self, tensor):
         shape = tuple(tensor.shape)
-        history = getattr(tensor, "_keras_history", None)
-        if history is None or isinstance(history.operation, layers.InputLayer):
+        history = internals.history_of(tensor)
+        if history is None:
             return source_axis(shape)
-        operation = history.operation
-        nodes = getattr(operation, "_inbound_nodes", None) or []
-        if history.node_index >= len(nodes):
+        operation, node, tensor_index = history
+        if node is None:
             return None
-        node = nodes[history.node_index]
         arguments = [each for each in keras.tree.flatten(node.input_tensors) if hasattr(each, "shape")]
         inputs = [(self.axis(each), tuple(each.shape)) for each in arguments]
         inside = _inside(operation, node)
         if inside is not None:  # a nested model or a traced layer: forward through its own graph
-            return _through(inside, [axis for axis, _ in inputs], history.tensor_index)
+            return _through(inside, [axis for axis, _ in inputs], tensor_index)
         return transfer(operation, inputs, shape)
 
 

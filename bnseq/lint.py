@@ -52,6 +52,7 @@ import keras
 
 from bnseq import files
 from bnseq import graph as graph_module
+from bnseq import kinds
 from bnseq import layout
 from bnseq import rules
 
@@ -125,7 +126,7 @@ def lint(model_or_path, *, safe_mode=True):
                 Finding(
                     "BN000",
                     layer.name,
-                    f"cannot inspect {rules.describe(layer)}: subclassed {kind} with "
+                    f"cannot inspect {kinds.describe(layer)}: subclassed {kind} with "
                     f"{len(hidden)} BatchNormalization layer{'s' if len(hidden) > 1 else ''} "
                     f"({', '.join(repr(each.name) for each in hidden)}), and {graph.why_opaque(layer)}; "
                     "their placement is not checked.",
@@ -155,15 +156,15 @@ def _axis_problem(graph, axes, bn, producer):
     After a linear layer `rules.placement_problems` says it; here the axis
     comes from `layout.py`'s propagation, and an unknown one says nothing.
     """
-    if producer is not None and rules.is_linear(producer):
+    if producer is not None and kinds.is_linear(producer):
         return None
     expected = axes.get(id(bn))
     shape = graph.output_shape(bn)
-    if expected is None or shape is None or rules.same_axis(bn.axis, expected, len(shape)):
+    if expected is None or shape is None or kinds.same_axis(bn.axis, expected, len(shape)):
         return None
     written = -1 if expected == len(shape) - 1 else expected
-    source = f"{rules.describe(producer)} and the layers before it" if producer is not None else "its inputs"
+    source = f"{kinds.describe(producer)} and the layers before it" if producer is not None else "its inputs"
     return (
-        f"{rules.describe(bn)} normalizes axis {bn.axis}, but the channels of its input are on axis "
+        f"{kinds.describe(bn)} normalizes axis {bn.axis}, but the channels of its input are on axis "
         f"{written} (read through {source}). Write `BatchNormalization(axis={written})`."
     )

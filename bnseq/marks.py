@@ -4,6 +4,7 @@ import weakref
 
 import keras
 
+from bnseq import kinds
 from bnseq import rewrite
 from bnseq import rules
 
@@ -46,7 +47,7 @@ def with_batch_norm(layer, **options):
     _check_markable(layer, "with_batch_norm")
     rewrite.check_splittable(layer)
     MARKS[layer] = rules.check_batch_norm(
-        options or True, owner=rules.describe(layer)
+        options or True, owner=kinds.describe(layer)
     )
     return layer
 

@@ -24,7 +24,8 @@ import os
 import keras
 import numpy as np
 
-from bnseq import rules
+from bnseq import internals
+from bnseq import kinds
 
 ONEDNN_ISSUE = "https://github.com/keras-team/keras/issues/23650"
 
@@ -93,9 +94,9 @@ def channels_first_runs():
 def has_channels_first_layers(layer):
     """Whether `layer`, or any layer inside it (nested models and subclassed layers too), is channels_first.
 
-    Reads `Layer._flatten_layers`, private Keras API (see `graph.inner_layers`).
+    Its layers come from `internals.inner_layers` (private Keras API).
     """
-    layers = [layer, *layer._flatten_layers(include_self=False)] if isinstance(layer, keras.Layer) else [layer]
+    layers = [layer, *internals.inner_layers(layer)] if isinstance(layer, keras.Layer) else [layer]
     return any(getattr(each, "data_format", None) == "channels_first" for each in layers)
 
 
@@ -170,7 +171,7 @@ def channels_first_warning(layer):
     flag = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     setting = "TF_ENABLE_ONEDNN_OPTS is unset" if flag is None else f"TF_ENABLE_ONEDNN_OPTS={flag}"
     return (
-        f"{rules.describe(layer)} is channels_first, and TensorFlow on this CPU "
+        f"{kinds.describe(layer)} is channels_first, and TensorFlow on this CPU "
         "has no kernels for channels_first convolutions (they come with oneDNN, "
         f"which is off: {setting}, and TensorFlow turns it on "
         f"by default only on CPUs with AVX-512; {ONEDNN_ISSUE}). Eager calls such as `model(x)` "

@@ -27,6 +27,8 @@ import keras
 from keras import layers
 
 from bnseq import graph
+from bnseq import internals
+from bnseq import kinds
 from bnseq import rules
 
 
@@ -52,16 +54,16 @@ def check_splittable(layer, index=None):
     """Raise if `split(layer)` would lose something the user gave.
 
     Raises:
-        ValueError: if the layer is not one of `rules.LINEAR_LAYERS`, already
+        ValueError: if the layer is not one of `kinds.LINEAR_LAYERS`, already
             holds a bias variable, or has an activity regularizer that its
             activation layer would overwrite.
     """
-    name = rules.describe(layer, index)
-    if not rules.is_linear(layer):
-        kinds = ", ".join(kind.__name__ for kind in rules.LINEAR_LAYERS)
+    name = kinds.describe(layer, index)
+    if not kinds.is_linear(layer):
+        linear = ", ".join(kind.__name__ for kind in kinds.LINEAR_LAYERS)
         raise ValueError(
             f"{name} is not a layer bnseq can batch-normalize (it normalizes "
-            f"{kinds} and their subclasses). Add it with batch_norm=False or "
+            f"{linear} and their subclasses). Add it with batch_norm=False or "
             f"without a batch_norm argument. Received: layer={layer!r}"
         )
     if layer.built and layer.use_bias and getattr(layer, "bias", None) is not None:
@@ -95,7 +97,7 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None, activat
     the same output. Call `check_splittable` first.
 
     Args:
-        layer: Layer. One of `rules.LINEAR_LAYERS`, not yet holding a bias.
+        layer: Layer. One of `kinds.LINEAR_LAYERS`, not yet holding a bias.
         options: dict. Keyword arguments for the BatchNormalization.
         taken_names: set of str. Names the new layers must avoid.
         index: int, optional. The layer's position, for messages.
@@ -113,7 +115,7 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None, activat
     taken = set(taken_names)
 
     batch_norm = layers.BatchNormalization(
-        axis=rules.channel_axis(layer),
+        axis=kinds.channel_axis(layer),
         dtype=layer.dtype_policy,
         name=batch_norm_name or unique_name(f"{layer.name}_bn", taken),
         **{key: _own_copy(value) for key, value in options.items()},
@@ -123,7 +125,7 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None, activat
         unit.append(activation_layer)
     elif isinstance(activation, keras.Layer):
         unit.append(activation)
-    elif not rules.is_identity(activation):
+    elif not kinds.is_identity(activation):
         unit.append(
             layers.Activation(
                 activation,
@@ -152,32 +154,8 @@ def split(layer, options, taken_names, index=None, batch_norm_name=None, activat
 
 
 def fresh_copy(layer):
-    """A new, unbuilt layer with the same configuration (a known linear class: see `why_not_copied`)."""
+    """A new, unbuilt layer with the same configuration (a known linear class: see `kinds.why_not_copied`)."""
     return layer.__class__.from_config(layer.get_config())
-
-
-def why_not_copied(layer):
-    """Why a linear layer cannot be re-created from its config without risk, or `None`.
-
-    Only Keras's own classes, with no weights beyond kernels and bias, come
-    back whole from `get_config()`: a subclass may take `__init__` arguments
-    its config leaves out, and a quantized or LoRA layer holds state a fresh
-    layer would not have.
-    """
-    if type(layer) not in rules.LINEAR_LAYERS:
-        base = next(kind for kind in rules.LINEAR_LAYERS if isinstance(layer, kind))
-        return (
-            f"it is a subclass of {base.__name__}, which bnseq does not re-create from its config "
-            "(a config may leave out what the subclass's __init__ takes)"
-        )
-    if getattr(layer, "quantization_mode", None) is not None:
-        return f"it is quantized ({layer.quantization_mode})"
-    if getattr(layer, "lora_enabled", False):
-        return "it has LoRA weights"
-    kernels = 2 if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)) else 1
-    if layer.built and len(layer.weights) != kernels + int(layer.use_bias):
-        return "it has weights beyond its kernel and bias"
-    return None
 
 
 def normalized_copy(layer, options, taken, batch_norm_name=None):
@@ -214,8 +192,8 @@ def _own_copy(value):
     draws the same numbers on every call. A copy made from its config draws
     its own (a seeded one still repeats, as the seed asks).
     """
-    kinds = (keras.initializers.Initializer, keras.regularizers.Regularizer, keras.constraints.Constraint)
-    if isinstance(value, kinds):
+    configurable = (keras.initializers.Initializer, keras.regularizers.Regularizer, keras.constraints.Constraint)
+    if isinstance(value, configurable):
         return value.__class__.from_config(value.get_config())
     return value
 
@@ -255,30 +233,8 @@ def _name_of(activation):
 
 
 def _set_activation(layer, activation):
-    """Replace `layer.activation`, also when the old one is a Layer.
-
-    A Layer assigned as an attribute is tracked by Keras as a sublayer and, on
-    the PyTorch backend, registered as a child `torch.nn.Module`; torch then
-    refuses to assign a plain function over it. So the old Layer is deleted
-    and untracked first. `Layer._tracker` is private Keras API with no public
-    equivalent (checked on Keras 3.14 and 3.15): without the untrack, the
-    activation layer would stay a sublayer of the linear layer after moving
-    out of it.
-    """
-    old = layer.activation
-    if isinstance(old, keras.Layer):
-        del layer.activation
-        layer._tracker.untrack(old)
-    if isinstance(activation, keras.Layer):
-        locked = layer._tracker.locked
-        layer._tracker.unlock()
-        try:
-            layer.activation = activation
-        finally:
-            if locked:
-                layer._tracker.lock()
-    else:
-        layer.activation = activation
+    """Replace `layer.activation`, also when the old one is a Layer (see `internals.set_tracked`)."""
+    internals.set_tracked(layer, "activation", activation)
 
 
 def _ignored_bias_arguments(layer, index):
@@ -293,7 +249,7 @@ def _ignored_bias_arguments(layer, index):
     if not (ignored and layer.use_bias):
         return []
     return [
-        f"{rules.describe(layer, index)} sets {', '.join(ignored)}, but "
+        f"{kinds.describe(layer, index)} sets {', '.join(ignored)}, but "
         "bnseq removes its bias (the BatchNormalization after it has its "
         "own offset, `beta`), so these settings no longer apply. Remove "
         "them, or add the layer with batch_norm=False to keep its bias."
@@ -362,7 +318,7 @@ def apply(model, plan, flat=None):
 def _rebuild(model, plan, flat=None):
     if isinstance(model, keras.Sequential):
         return _rebuild_sequential(model, plan)
-    if graph.is_functional(model):
+    if internals.is_functional(model):
         return _rebuild_functional(model, plan)
     reason = (flat.opaque.get(id(model)) if flat is not None else None) or "it holds no layer bnseq rewrites"
     raise TypeError(

@@ -1,8 +1,8 @@
-"""Pure decisions about layers: no model is built or changed here.
+"""Pure decisions about BatchNormalization: no model is built or changed here.
 
-Which layers bnseq normalizes, the channel axis of their output, whether an
-activation is the identity, the checking of `batch_norm` options, and the
-placement rules that `bnseq.Sequential` warns about and `bnseq.lint` reports.
+The checking of `batch_norm` options, and the placement rules (BN001-BN004)
+that `bnseq.Sequential` warns about and `bnseq.lint` reports. What kind of
+layer a layer is comes from `bnseq.kinds`.
 """
 
 import difflib
@@ -14,41 +14,7 @@ import keras
 import numpy as np
 from keras import layers
 
-# The linear layers bnseq rewrites, and their subclasses. Each computes
-# `activation(linear(x) + bias)` with a single channel axis given by its
-# `data_format`, so the bias can go and a BatchNormalization on that axis can
-# sit between the linear part and the activation.
-#
-# Left alone on purpose:
-# - `EinsumDense`: its equation decides which output axes carry the bias, and
-#   there may be several, so there is no one channel axis to normalize.
-# - Recurrent layers (`LSTM`, `GRU`, `SimpleRNN`): their activations are applied
-#   inside the time loop, so a normalization that belongs before them would
-#   have to go inside the recurrence (recurrent batch normalization, Cooijmans
-#   et al. 2016), which no layer inserted after them can do.
-LINEAR_LAYERS = (
-    layers.Dense,
-    layers.Conv1D,
-    layers.Conv2D,
-    layers.Conv3D,
-    layers.Conv1DTranspose,
-    layers.Conv2DTranspose,
-    layers.Conv3DTranspose,
-    layers.DepthwiseConv1D,
-    layers.DepthwiseConv2D,
-    layers.SeparableConv1D,
-    layers.SeparableConv2D,
-)
-
-# Layers whose whole job is a nonlinearity.
-ACTIVATION_LAYERS = (
-    layers.Activation,
-    layers.ReLU,
-    layers.LeakyReLU,
-    layers.PReLU,
-    layers.ELU,
-    layers.Softmax,
-)
+from bnseq import kinds
 
 # Options bnseq decides itself and so refuses in `batch_norm`.
 _DERIVED_OPTIONS = {
@@ -64,90 +30,6 @@ BATCH_NORM_OPTIONS = tuple(
     if name not in ("self", "axis")
     and parameter.kind is not inspect.Parameter.VAR_KEYWORD
 )
-
-
-def is_linear(layer):
-    """Whether bnseq can normalize `layer` (one of `LINEAR_LAYERS`)."""
-    return isinstance(layer, LINEAR_LAYERS)
-
-
-def is_identity(activation):
-    """Whether an activation function is the identity.
-
-    Only functions count: an activation given as a Layer is the user's own
-    object and is always kept as a layer of its own.
-    """
-    return activation is None or activation is keras.activations.linear
-
-
-def is_nonlinearity(layer):
-    """Whether `layer` ends in a nonlinear activation.
-
-    True for an activation layer (`Activation` other than "linear", `ReLU`,
-    `LeakyReLU`, `PReLU`, `ELU`, `Softmax`) and for a linear layer whose own
-    activation is not the identity.
-    """
-    if isinstance(layer, layers.Activation):
-        return not is_identity(layer.activation)
-    if isinstance(layer, ACTIVATION_LAYERS):
-        return True
-    if is_linear(layer):
-        return not is_identity(layer.activation)
-    return False
-
-
-def output_rank(layer):
-    """The rank of `layer`'s output, or `None` when it is not known yet.
-
-    Convolutions know it from their class (`rank` spatial axes plus batch and
-    channels); other layers only once they have been called.
-    """
-    rank = getattr(layer, "rank", None)
-    if isinstance(layer, LINEAR_LAYERS[1:]) and isinstance(rank, int):
-        return rank + 2
-    try:
-        return len(layer.output.shape)
-    except (AttributeError, ValueError):
-        return None
-
-
-def channel_axis(layer):
-    """The axis that holds the channels of a linear layer's output.
-
-    Returns:
-        int: `1` for a `channels_first` convolution, `-1` otherwise.
-    """
-    if getattr(layer, "data_format", None) == "channels_first":
-        return 1
-    return -1
-
-
-def same_axis(axis, expected, rank):
-    """Whether `axis` names the same axis as `expected` in a tensor of `rank`.
-
-    With an unknown rank, a negative and a positive axis cannot be compared:
-    they are then taken to agree, so that no false alarm is raised.
-    """
-    if isinstance(axis, (list, tuple)):
-        if len(axis) != 1:
-            return False
-        (axis,) = axis
-    if rank is None:
-        if (axis < 0) == (expected < 0):
-            return axis == expected
-        return True
-    return axis % rank == expected % rank
-
-
-def position(index):
-    """`layer 3` for a position in a model, or the text given (a place in a list)."""
-    return index if isinstance(index, str) else f"layer {index}"
-
-
-def describe(layer, index=None):
-    """`Dense 'dense_1' (layer 3)`: how messages name a layer."""
-    where = "" if index is None else f" ({position(index)})"
-    return f"{type(layer).__name__} '{layer.name}'{where}"
 
 
 def check_batch_norm(batch_norm, owner=None):
@@ -299,34 +181,34 @@ def placement_problems(producer, batch_norm_layer, *, shared=False):
         ['BN001']
     """
     problems = []
-    if is_linear(producer) and producer.use_bias and not shared:
+    if kinds.is_linear(producer) and producer.use_bias and not shared:
         wasted = _bias_size(producer)
         size = f"{wasted} parameters" if wasted is not None else "parameters"
-        if is_identity(producer.activation):
+        if kinds.is_identity(producer.activation):
             why = (
-                f"adds a bias that {describe(batch_norm_layer)} subtracts again "
+                f"adds a bias that {kinds.describe(batch_norm_layer)} subtracts again "
                 f"({size} wasted)"
             )
         else:
             why = (
-                f"adds a bias that is redundant once {describe(batch_norm_layer)} "
+                f"adds a bias that is redundant once {kinds.describe(batch_norm_layer)} "
                 "moves before the activation, where its `beta` does the bias's "
                 f"job ({size} wasted)"
             )
         problems.append(
             (
                 "BN001",
-                f"{describe(producer)} {why}. Write "
+                f"{kinds.describe(producer)} {why}. Write "
                 f"`{type(producer).__name__}(..., use_bias=False)`, "
                 "or let bnseq.Sequential(batch_norm=True) do it.",
             )
         )
-    if is_nonlinearity(producer):
+    if kinds.is_nonlinearity(producer):
         problems.append(
             (
                 "BN002",
-                f"{describe(batch_norm_layer)} comes after the nonlinearity "
-                f"of {describe(producer)}; it belongs between the linear "
+                f"{kinds.describe(batch_norm_layer)} comes after the nonlinearity "
+                f"of {kinds.describe(producer)}; it belongs between the linear "
                 "layer and its activation. Write the linear layer without "
                 "activation, then BatchNormalization, then the activation "
                 "as its own layer, or let bnseq.Sequential(batch_norm=True) "
@@ -337,22 +219,22 @@ def placement_problems(producer, batch_norm_layer, *, shared=False):
         problems.append(
             (
                 "BN004",
-                f"{describe(batch_norm_layer)} directly follows "
-                f"{describe(producer)}, whose output is already normalized; "
+                f"{kinds.describe(batch_norm_layer)} directly follows "
+                f"{kinds.describe(producer)}, whose output is already normalized; "
                 "the second one only adds parameters and computation. Keep one "
                 "of them.",
             )
         )
-    if is_linear(producer):
-        expected = channel_axis(producer)
-        rank = output_rank(producer)
-        if not same_axis(batch_norm_layer.axis, expected, rank):
+    if kinds.is_linear(producer):
+        expected = kinds.channel_axis(producer)
+        rank = kinds.output_rank(producer)
+        if not kinds.same_axis(batch_norm_layer.axis, expected, rank):
             problems.append(
                 (
                     "BN003",
-                    f"{describe(batch_norm_layer)} normalizes axis "
+                    f"{kinds.describe(batch_norm_layer)} normalizes axis "
                     f"{batch_norm_layer.axis}, but the channels of "
-                    f"{describe(producer)} "
+                    f"{kinds.describe(producer)} "
                     f"({getattr(producer, 'data_format', 'features')}) are on "
                     f"axis {expected}. Write "
                     f"`BatchNormalization(axis={expected})`.",

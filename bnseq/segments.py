@@ -39,7 +39,7 @@ from bnseq import collective
 from bnseq import compiled
 from bnseq import data
 from bnseq import graph as graph_module
-from bnseq import masking
+from bnseq import internals
 from bnseq import probes
 
 DEFAULT_CACHE_FRACTION = 0.5  # of the memory available when the call starts, for "auto"
@@ -197,7 +197,7 @@ def _has_masks(flat):
                     spec = call.operation.output
                 except (AttributeError, ValueError):
                     spec = None
-            if any(masking.carries_mask(each) for each in keras.tree.flatten(spec) if each is not None):
+            if any(internals.carries_mask(each) for each in keras.tree.flatten(spec) if each is not None):
                 return True
     return False
 

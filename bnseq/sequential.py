@@ -3,6 +3,7 @@
 
 import keras
 
+from bnseq import kinds
 from bnseq import layers as layers_module
 from bnseq import marks
 from bnseq import notices
@@ -135,7 +136,7 @@ class Sequential(units.Units, keras.Sequential):
             raise ValueError(
                 "Only instances of `keras.Layer` can be added to a Sequential "
                 f"model. Received: {layer} (of type {type(layer)}) as "
-                f"{rules.position(index)} of '{self.name}'."
+                f"{kinds.position(index)} of '{self.name}'."
             )
         options = self._options_for(layer, batch_norm, index)
         pending = units.STATE[self].pending
@@ -365,13 +366,13 @@ class Sequential(units.Units, keras.Sequential):
         if batch_norm is None:
             if marked is not None:
                 options = marked
-            elif self._batch_norm is not False and rules.is_linear(layer):
+            elif self._batch_norm is not False and kinds.is_linear(layer):
                 return dict(self._batch_norm)
             else:
                 return False
         else:
             owner = (
-                rules.describe(layer, index)
+                kinds.describe(layer, index)
                 if isinstance(layer, keras.Layer)
                 else f"layer {index}"
             )

@@ -28,7 +28,7 @@ line. The trace fails when the layer's `call()`:
   itself (the last check, against anything the others miss).
 
 Tracing leaves the layers as they were: the nodes Keras appends to each
-sublayer while tracing are removed again (see `_nodes_restored`).
+sublayer while tracing are removed again (see `internals.nodes_restored`).
 
 Traces are kept per layer (weakly) and per input shapes, so that reading a
 model twice gives the same graph objects (and `recalibrate` compiles nothing
@@ -36,7 +36,6 @@ the second time). Like a compiled `predict`, a trace holds what the layer's
 Python code read when it was traced.
 """
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -45,10 +44,10 @@ import weakref
 import keras
 import numpy as np
 
-from bnseq import graph as graph_module
+from bnseq import internals
+from bnseq import kinds
 from bnseq import notices
 from bnseq import probes
-from bnseq import rules
 
 # Relative difference between a trace and the layer on a random input above which
 # the trace is not used: float32 reassociation in XLA or oneDNN stays far below it.
@@ -88,13 +87,13 @@ def should_trace(layer):
     graphs, and not one of Keras's own layers) holding a BatchNormalization
     or a layer bnseq rewrites.
     """
-    if not isinstance(layer, keras.Layer) or type(layer).__module__.startswith("keras."):
+    if not isinstance(layer, keras.Layer) or kinds.is_keras_class(type(layer)):
         return False
-    if isinstance(layer, keras.Sequential) or graph_module.is_functional(layer):
+    if isinstance(layer, keras.Sequential) or internals.is_functional(layer):
         return False
     return any(
-        isinstance(each, keras.layers.BatchNormalization) or rules.is_linear(each)
-        for each in graph_module.inner_layers(layer)
+        isinstance(each, keras.layers.BatchNormalization) or kinds.is_linear(each)
+        for each in internals.inner_layers(layer)
     )
 
 
@@ -142,7 +141,7 @@ def _key(args, kwargs):
 
 def _trace(layer, args, kwargs):
     leaves = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, keras.KerasTensor)]
-    if any(getattr(leaf, "_keras_mask", None) is not None for leaf in leaves):
+    if any(internals.keras_mask(leaf) is not None for leaf in leaves):
         return Trace(layer, None, "its input carries a Keras mask, which travels beside a graph, not in it")
     if not layer.built:
         return Trace(layer, None, "it is not built")
@@ -150,7 +149,7 @@ def _trace(layer, args, kwargs):
     if kwargs.get("training", False) is None:  # passed on as it came (a block forwarding its own)
         kwargs = {key: value for key, value in kwargs.items() if key != "training"}
     try:
-        known = {id(each) for each in graph_module.inner_layers(layer)}
+        known = {id(each) for each in internals.inner_layers(layer)}
         model = _traced_model(layer, args, kwargs, training=None)
         if "training" in parameters and "training" not in kwargs:
             other = _traced_model(layer, args, kwargs, training=True)
@@ -193,7 +192,7 @@ def _traced_model(layer, args, kwargs, training):
     if training is not None:
         call_kwargs["training"] = training
     weights_before = len(layer.weights)
-    with _nodes_restored(layer):
+    with internals.nodes_restored([layer, *internals.inner_layers(layer)]):
         try:
             outputs = layer.call(*call_args, **call_kwargs)
         except Exception as error:  # anything call() raises on symbolic tensors
@@ -215,7 +214,7 @@ def _traced_model(layer, args, kwargs, training):
 
 def _check_constants(model):
     """Refuse graphs holding a weight or a tensor as a constant argument of a call."""
-    for operation, (args, kwargs), _, _ in graph_module.calls_of(model):
+    for operation, (args, kwargs), _, _ in internals.calls_of(model):
         for leaf in keras.tree.flatten((args, kwargs)):
             if isinstance(leaf, keras.KerasTensor) or leaf is None:
                 continue
@@ -235,32 +234,12 @@ def _signature(model, known):
     """
     position = {id(tensor): index for index, tensor in enumerate(model.inputs)}
     parts = []
-    for operation, _, inputs, outputs in graph_module.calls_of(model):
+    for operation, _, inputs, outputs in internals.calls_of(model):
         kind = id(operation) if id(operation) in known else type(operation).__name__
         parts.append((kind, tuple(position.get(id(tensor), -1) for tensor in inputs)))
         for tensor in outputs:
             position[id(tensor)] = len(position)
     return parts
-
-
-@contextlib.contextmanager
-def _nodes_restored(layer):
-    """Put every sublayer's inbound and outbound nodes back as they were on exit.
-
-    Each symbolic call appends a `Node` to the called layer's `_inbound_nodes`
-    and to its producers' `_outbound_nodes` (private Keras state, checked on
-    Keras 3.14 and 3.15). Left there, a sublayer of the user's model would
-    have one node more per trace, and `layer.output` would then refuse
-    ("multiple inbound nodes"). The traced model keeps its own nodes.
-    """
-    layers = [layer, *graph_module.inner_layers(layer)]
-    kept = [(each, len(each._inbound_nodes), len(each._outbound_nodes)) for each in layers]
-    try:
-        yield
-    finally:
-        for each, inbound, outbound in kept:
-            del each._inbound_nodes[inbound:]
-            del each._outbound_nodes[outbound:]
 
 
 def _differs(layer, args, kwargs, model):
@@ -288,7 +267,7 @@ def _differs(layer, args, kwargs, model):
     leaves = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, keras.KerasTensor)]
     values = [sample(leaf) for leaf in leaves]
     try:
-        with _nodes_restored(layer):
+        with internals.nodes_restored([layer, *internals.inner_layers(layer)]):
             inputs = [keras.Input(batch_shape=leaf.shape, dtype=leaf.dtype, sparse=leaf.sparse) for leaf in leaves]
             fresh = iter(inputs)
             call_args, call_kwargs = keras.tree.map_structure(

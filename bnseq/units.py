@@ -16,10 +16,10 @@ import weakref
 
 import keras
 
+from bnseq import kinds
 from bnseq import layers as layers_module
 from bnseq import notices
 from bnseq import rewrite
-from bnseq import rules
 
 
 @dataclasses.dataclass(eq=False)
@@ -71,11 +71,11 @@ class Units:
             return None
         if activation.weights or isinstance(activation, keras.layers.PReLU):
             at = self.layers.index(activation)
-            holder = self.layers[at - 2] if at >= 2 and rules.is_linear(self.layers[at - 2]) else None
-            where = f"the activation of {rules.describe(holder)}" if holder is not None else "a layer"
+            holder = self.layers[at - 2] if at >= 2 and kinds.is_linear(self.layers[at - 2]) else None
+            where = f"the activation of {kinds.describe(holder)}" if holder is not None else "a layer"
             raise ValueError(
-                f"{rules.describe(layer, index)} has the activation layer "
-                f"{rules.describe(activation)}, which is already {where} in "
+                f"{kinds.describe(layer, index)} has the activation layer "
+                f"{kinds.describe(activation)}, which is already {where} in "
                 f"'{self.name}'. It has weights, so bnseq "
                 "cannot give each unit a copy without unsharing them. Give each "
                 f"layer its own activation layer. Received: layer={layer!r}"
@@ -96,7 +96,7 @@ class Units:
         if not sizes:
             return None
         unit = stack[len(stack) - sizes[-1] :]
-        if len(unit) == 1 and isinstance(unit[0], rules.ACTIVATION_LAYERS) and len(sizes) > 1:
+        if len(unit) == 1 and isinstance(unit[0], kinds.ACTIVATION_LAYERS) and len(sizes) > 1:
             unit = stack[len(stack) - sizes[-1] - sizes[-2] : len(stack) - sizes[-1]]
             if len(unit) != 2:
                 return None
@@ -114,23 +114,23 @@ class Units:
         inserted = self._inserted_batch_norm()
         linear = self._layers[self._layers.index(inserted) - 1]
         self._check_not_in_model(batch_norm, index)
-        axis = rules.channel_axis(linear)
+        axis = kinds.channel_axis(linear)
         replacement, message = batch_norm, None
         if layers_module.is_auto(batch_norm):
             batch_norm.settle(axis)  # "auto": the axis of the layer it normalizes
-        elif not rules.same_axis(batch_norm.axis, axis, rules.output_rank(linear)):
+        elif not kinds.same_axis(batch_norm.axis, axis, kinds.output_rank(linear)):
             if batch_norm.built:
                 raise ValueError(
-                    f"{rules.describe(batch_norm, index)} is built on axis {batch_norm.axis}, "
-                    f"but it takes the place of the normalization of {rules.describe(linear)}, "
+                    f"{kinds.describe(batch_norm, index)} is built on axis {batch_norm.axis}, "
+                    f"but it takes the place of the normalization of {kinds.describe(linear)}, "
                     f"whose channels are on axis {axis}; bnseq will not drop its weights. Add a "
                     "new BatchNormalization, or add this one with batch_norm=False. "
                     f"Received: layer={batch_norm!r}"
                 )
             replacement = rewrite.renormalized(batch_norm, axis)
             message = (
-                f"{rules.describe(batch_norm, index)} normalizes axis {batch_norm.axis}, but it "
-                f"takes the place of the normalization of {rules.describe(linear)}, whose "
+                f"{kinds.describe(batch_norm, index)} normalizes axis {batch_norm.axis}, but it "
+                f"takes the place of the normalization of {kinds.describe(linear)}, whose "
                 f"channels are on axis {axis}: bnseq uses a new BatchNormalization '"
                 f"{batch_norm.name}' with its options on axis {axis}. Write "
                 f"`BatchNormalization(axis={axis})` to say so."
@@ -168,7 +168,7 @@ class Units:
     def _check_not_in_model(self, layer, index):
         if any(existing is layer for existing in self._layers):
             raise ValueError(
-                f"{rules.describe(layer, index)} is already in Sequential model "
+                f"{kinds.describe(layer, index)} is already in Sequential model "
                 f"'{self.name}'. Normalizing it again would change the copy "
                 "already in the model; add a new layer instead (e.g. "
                 f"`{type(layer).__name__}.from_config(layer.get_config())`). "

@@ -57,7 +57,7 @@ def single(layer, input_shape, batch_norm_kwargs=None, bias=False):
             keras.Input(input_shape),
             layer,
             layers.BatchNormalization(
-                axis=bnseq.rules.channel_axis(layer), **(batch_norm_kwargs or {})
+                axis=bnseq.kinds.channel_axis(layer), **(batch_norm_kwargs or {})
             ),
             layers.ReLU(),
         ]

@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 from keras import layers
 
 import bnseq
+from bnseq import kinds
 from bnseq import probes
-from bnseq import rules
 from bnseq.graph import walk
 from tests.backbones import statistics_errors
 
@@ -359,7 +359,7 @@ def test_fuzz_every_result_against_its_oracle(case):
         graph = walk(model)
         behind_shared_linear = {
             layer.name for layer in graph.layers
-            if isinstance(layer, layers.BatchNormalization) and rules.is_linear(graph.sole_producer(layer))
+            if isinstance(layer, layers.BatchNormalization) and kinds.is_linear(graph.sole_producer(layer))
         }
         assert not any(code == "BN001" for code, _ in after), after
         assert all(code == "BN004" and name in behind_shared_linear for code, name in new), (new, describe(fixed))

@@ -6,6 +6,7 @@ from keras import layers
 
 import bnseq
 from bnseq import graph
+from bnseq import internals
 
 
 def names(items):
@@ -114,7 +115,7 @@ def test_subclassed_layer_that_does_not_trace_is_one_leaf():
 
 
 def test_keras_graph_state_the_walker_reads():
-    """Fails loudly if Keras changes the private graph state `graph.calls_of` reads."""
+    """Fails loudly if Keras changes the private graph state `internals.calls_of` reads."""
     inputs = keras.Input((3,))
     dense = layers.Dense(2, name="d")
     model = keras.Model(inputs, dense(inputs))
@@ -125,7 +126,7 @@ def test_keras_graph_state_the_walker_reads():
     assert [id(t) for t in call.input_tensors] == [id(inputs)]
     assert [id(t) for t in call.arguments.args] == [id(inputs)] and call.arguments.kwargs == {}
     assert [id(t) for t in keras.tree.flatten(call.outputs)] == [id(model.outputs[0])]
-    assert [each.name for each in graph.inner_layers(layers.Dense(2, activation=layers.ReLU(name="r")))] == ["r"]
+    assert [each.name for each in internals.inner_layers(layers.Dense(2, activation=layers.ReLU(name="r")))] == ["r"]
 
 
 def test_functional_subclass_is_read_through():
@@ -142,7 +143,7 @@ def test_functional_subclass_is_read_through():
             return {"units": self.units, "name": self.name}
 
     model = Backbone()
-    assert graph.is_functional(model)
+    assert internals.is_functional(model)
     g = graph.walk(model)
     assert names(g.layers) == ["d", "bn"]
     assert g.sole_producer(model.get_layer("bn")) is model.get_layer("d")

@@ -11,14 +11,14 @@ import pytest
 from keras import layers
 
 import bnseq
-from bnseq import rules
+from bnseq import kinds
 from bnseq.probes import infer
 from tests.strategies import KINDS
 
 
 def linear_cases():
-    for rank, kinds in KINDS.items():
-        for kind in kinds:
+    for rank, classes in KINDS.items():
+        for kind in classes:
             for data_format in ("channels_last", "channels_first"):
                 yield pytest.param(kind, rank, data_format, id=f"{kind.__name__}-{data_format}")
     yield pytest.param(layers.Dense, 0, None, id="Dense")
@@ -40,7 +40,7 @@ def test_axis_is_what_bnseq_sequential_chooses(kind, rank, data_format):
     bn = bnseq.BatchNormalization()
     bn(linear(inputs))
     model = bnseq.Sequential([keras.Input((4,) * (rank + 1)), make(kind, data_format)], batch_norm=True)
-    assert bn.axis == model.layers[1].axis == rules.channel_axis(linear)
+    assert bn.axis == model.layers[1].axis == kinds.channel_axis(linear)
     assert type(bn) is layers.BatchNormalization
 
 

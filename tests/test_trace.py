@@ -447,8 +447,8 @@ def test_backbone_nothing_is_kept_for_lack_of_sight(backbone):
         producer = walked.sole_producer(layer)
         if (
             producer is not None
-            and bnseq.rules.is_linear(producer)
-            and bnseq.rules.is_identity(producer.activation)
+            and bnseq.kinds.is_linear(producer)
+            and bnseq.kinds.is_identity(producer.activation)
             and walked.feeds_only(producer, layer)
         ):
             assert report[layer.name].folded, str(report[layer.name])

@@ -1,0 +1,146 @@
+"""Every private Keras hook bnseq uses, in one place, each with the reason no public API serves.
+
+bnseq is written against Keras 3's public API. Where it must read state Keras
+keeps to itself (a functional model's node graph, the layers a subclassed layer
+holds, the producer of a symbolic tensor, a tensor's mask) or undo what a
+symbolic call leaves behind, it does so here and nowhere else, so that a Keras
+release that moves one of these shows up in one module (and in the tests named
+beside each function). Each was checked on Keras 3.14 and 3.15.
+
+Not here: `bnseq.Sequential` works with `keras.Sequential`'s own inherited state
+(`_layers`, `_functional`, `_maybe_rebuild`) in `changing/sequential.py` and
+`changing/units.py`, as any subclass that changes `add`, `pop`, `build` or
+`from_config` must (tests/test_keras_compat.py::test_keras_sequential_private_surface).
+
+This module imports nothing of bnseq.
+"""
+
+import contextlib
+
+import keras
+from keras.src.backend.common import masking as _keras_masking
+
+
+def is_functional(model):
+    """Whether Keras holds a graph of layer calls for `model`.
+
+    True for models built from inputs and outputs, subclasses built that way
+    included; False for Sequential models (read by their layer list) and for
+    subclassed models whose `call()` has no graph.
+    """
+    if isinstance(model, keras.Sequential):
+        return False
+    try:
+        return model.outputs is not None and model._nodes_by_depth is not None
+    except AttributeError:
+        return False
+
+
+def inner_layers(layer):
+    """Every layer inside `layer` (not itself), for one whose insides no walk can see.
+
+    `Layer._flatten_layers` is private Keras API; no public one lists the
+    layers a subclassed layer or model holds (checked on Keras 3.14 and 3.15).
+    """
+    return list(layer._flatten_layers(include_self=False))
+
+
+def calls_of(model):
+    """The layer calls of a functional model, producers before consumers.
+
+    Yields `(operation, arguments, input tensors, output tensors)` for each
+    call, in Keras's own order (by depth, then by `model.operations`), where
+    `arguments` is `(args, kwargs)` as the call was made. This reads Keras's
+    private graph state (`_nodes_by_depth`, a node's `operation`, `is_input`,
+    `arguments`, `input_tensors`, `outputs`), the same state
+    `keras.models.clone_model` replays; it is isolated here and was checked on
+    Keras 3.14 and 3.15 (tests/test_graph.py fails loudly if it changes).
+    """
+    order = {id(operation): index for index, operation in enumerate(model.operations)}
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        nodes = sorted(model._nodes_by_depth[depth], key=lambda node: order.get(id(node.operation), -1))
+        for node in nodes:
+            if node.is_input or node.operation is None:
+                continue
+            arguments = (node.arguments.args, node.arguments.kwargs)
+            yield node.operation, arguments, list(node.input_tensors), keras.tree.flatten(node.outputs)
+
+
+def history_of(tensor):
+    """`(operation, node, tensor_index)` of the call that produced a symbolic tensor, or `None`.
+
+    `None` for a tensor with no producer (not symbolic, or a model input);
+    `node` is `None` when the operation no longer holds the node (a layer whose
+    nodes were truncated). Reads `KerasTensor._keras_history` and
+    `Operation._inbound_nodes`: no public API names a tensor's producer.
+    Test: tests/test_layers.py (axis="auto" reads the layer before it).
+    """
+    history = getattr(tensor, "_keras_history", None)
+    if history is None or isinstance(history.operation, keras.layers.InputLayer):
+        return None
+    operation = history.operation
+    nodes = getattr(operation, "_inbound_nodes", None) or []
+    node = nodes[history.node_index] if history.node_index < len(nodes) else None
+    return operation, node, history.tensor_index
+
+
+@contextlib.contextmanager
+def nodes_restored(layers):
+    """Put every layer's inbound and outbound nodes back as they were on exit.
+
+    Each symbolic call appends a `Node` to the called layer's `_inbound_nodes`
+    and to its producers' `_outbound_nodes`. Left there, a sublayer of the
+    user's model would have one node more per trace, and `layer.output` would
+    then refuse ("multiple inbound nodes"). Test:
+    `tests/test_trace.py::test_tracing_leaves_the_layers_as_they_were`.
+    """
+    kept = [(each, len(each._inbound_nodes), len(each._outbound_nodes)) for each in layers]
+    try:
+        yield
+    finally:
+        for each, inbound, outbound in kept:
+            del each._inbound_nodes[inbound:]
+            del each._outbound_nodes[outbound:]
+
+
+def keras_mask(tensor):
+    """The Keras mask `tensor` carries, or `None`.
+
+    Keras 3 carries a mask as an attribute of the tensor (`_keras_mask`, set by
+    `Embedding(mask_zero=True)`, `Masking` and every layer that passes a mask
+    on), read through `keras.src.backend.common.masking`, which has no public
+    name. A change there breaks recalibrate's masked moments, and
+    tests/test_recalibrate.py's masked tests show it.
+    """
+    return _keras_masking.get_keras_mask(tensor)
+
+
+def carries_mask(spec):
+    """Whether a symbolic tensor (a `KerasTensor`, or `None` when unknown) carries a mask."""
+    return spec is not None and keras_mask(spec) is not None
+
+
+def set_tracked(layer, name, value):
+    """Set `layer.<name>` to `value`, untracking the Layer it held before.
+
+    A Layer assigned as an attribute is tracked by Keras as a sublayer and, on
+    the PyTorch backend, registered as a child `torch.nn.Module`; torch then
+    refuses to assign a plain function over it. So the old Layer is deleted and
+    untracked first (`Layer._tracker`, no public equivalent): without that, it
+    would stay a sublayer of `layer` after moving out of it. Test:
+    tests/test_sequential.py (activations given as layers, on every backend).
+    """
+    old = getattr(layer, name)
+    if isinstance(old, keras.Layer):
+        delattr(layer, name)
+        layer._tracker.untrack(old)
+    if isinstance(value, keras.Layer):
+        locked = layer._tracker.locked
+        layer._tracker.unlock()
+        try:
+            setattr(layer, name, value)
+        finally:
+            if locked:
+                layer._tracker.lock()
+    else:
+        setattr(layer, name, value)
