@@ -25,11 +25,11 @@ import bnseq
 from benchmarks import common
 from benchmarks import fold_inference
 from bnseq import demo
-from bnseq.export import _litert
-from bnseq.export import _loaded
-from bnseq.export import _onnx
-from bnseq.export import _runtime
-from bnseq.export import _write
+from bnseq.exporting.exporter import _litert
+from bnseq.exporting.exporter import _loaded
+from bnseq.exporting.exporter import _onnx
+from bnseq.exporting.exporter import _runtime
+from bnseq.exporting.exporter import _write
 
 
 def decoder():

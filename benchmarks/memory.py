@@ -15,7 +15,7 @@ from benchmarks import common
 
 def cancelled_biases(model):
     """(parameters, bytes) of the biases a BatchNormalization right after cancels."""
-    graph = bnseq.graph.walk(model)
+    graph = bnseq.reading.graph.walk(model)
     parameters = size_in_bytes = 0
     for layer in graph.layers:
         producer = graph.sole_producer(layer)

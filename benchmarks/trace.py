@@ -26,7 +26,7 @@ def run(quick=False):
     except ImportError:
         return "| backbone |\n|---|\n| keras-hub is not installed |", []
     import bnseq
-    from bnseq import graph
+    from bnseq.reading import graph
     from tests.test_fold import randomize_statistics
 
     names = ["efficientnet_v2_blocks"] if quick else sorted(BACKBONES)

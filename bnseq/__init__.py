@@ -3,25 +3,25 @@
 __version__ = "0.5.0"
 
 from bnseq import callbacks
-from bnseq.convert import batch_normalize
-from bnseq.export import ExportReport
-from bnseq.export import ToleranceError
-from bnseq.export import export
-from bnseq.fold import FoldDecision
-from bnseq.fold import fold
-from bnseq.fold import fold_report
-from bnseq.fold import fold_with_report
-from bnseq.layers import BatchNormalization
-from bnseq.lint import Finding
-from bnseq.lint import lint
-from bnseq.marks import with_batch_norm
-from bnseq.marks import without_batch_norm
+from bnseq.changing.convert import batch_normalize
+from bnseq.changing.folding import FoldDecision
+from bnseq.changing.folding import fold
+from bnseq.changing.folding import fold_report
+from bnseq.changing.folding import fold_with_report
+from bnseq.changing.layers import BatchNormalization
+from bnseq.changing.marks import with_batch_norm
+from bnseq.changing.marks import without_batch_norm
+from bnseq.changing.sequential import Sequential
+from bnseq.deciding.findings import Finding
+from bnseq.deciding.findings import lint
+from bnseq.exporting.exporter import ExportReport
+from bnseq.exporting.exporter import ToleranceError
+from bnseq.exporting.exporter import export
 from bnseq.notices import BatchNormPlacementWarning
 from bnseq.notices import PlatformWarning
-from bnseq.recalibrate import Recalibration
-from bnseq.recalibrate import RecalibrationReport
-from bnseq.recalibrate import recalibrate
-from bnseq.sequential import Sequential
+from bnseq.statistics.recalibration import Recalibration
+from bnseq.statistics.recalibration import RecalibrationReport
+from bnseq.statistics.recalibration import recalibrate
 
 __all__ = [
     "BatchNormPlacementWarning",

@@ -2,8 +2,8 @@
 
 import keras
 
-from bnseq import data as data_module
-from bnseq import recalibrate as recalibrate_module
+from bnseq.statistics import data as data_module
+from bnseq.statistics import recalibration
 
 
 class Recalibrate(keras.callbacks.Callback):
@@ -102,7 +102,7 @@ class Recalibrate(keras.callbacks.Callback):
     def _recalibrate(self, epoch):
         if not self._trained:  # nothing changed since the last one
             return
-        report = recalibrate_module.recalibrate(
+        report = recalibration.recalibrate(
             self.model,
             self.data,
             batch_size=self.batch_size,

@@ -237,7 +237,7 @@ def _load(args, *, keras_output=True):
             "would replace the trainable one. Choose another output path."
         )
     try:
-        return bnseq.files.as_model(args.input, safe_mode=not args.unsafe)
+        return bnseq.reading.files.as_model(args.input, safe_mode=not args.unsafe)
     except (OSError, ValueError) as error:
         raise _Failure(first_line(error)) from None
 
@@ -291,7 +291,7 @@ def _lint(paths, output_format, safe_mode):
 
 def _fold(args):
     # `bnseq.fold` is the function; the module's helpers come from bnseq.fold.
-    from bnseq.fold import probe_difference
+    from bnseq.changing.folding import probe_difference
 
     model = _load(args)
     try:

@@ -17,7 +17,7 @@ from keras import layers
 
 import bnseq
 from bnseq import kinds
-from bnseq.fold import fold_with_report
+from bnseq.changing.folding import fold_with_report
 
 # Three sigmoid layers of 100 units trained with plain SGD: the setting of
 # Figure 1 of Ioffe & Szegedy (2015), where batch normalization matters most.

@@ -330,7 +330,7 @@ def test_an_error_without_a_message_is_still_one_line(tmp_path, capsys, monkeypa
     def refuse(path, safe_mode):
         raise OSError()
 
-    monkeypatch.setattr(bnseq.files, "as_model", refuse)
+    monkeypatch.setattr(bnseq.reading.files, "as_model", refuse)
     assert cli.main(["fold", str(tmp_path / "in.keras"), str(tmp_path / "out.keras")]) == 2
     assert capsys.readouterr().err == "bnseq: error: OSError\n"
 

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from bnseq import collective
-from bnseq import compiled
-from bnseq import segments
+from bnseq.statistics import collective
+from bnseq.statistics import compiled
+from bnseq.statistics import segments
 
 
 class _Peer(collective.Processes):

@@ -86,7 +86,7 @@ def test_functional_with_a_branch_and_a_merge():
     assert [t.shape for t in result.outputs] == [t.shape for t in model.outputs]
     assert [t.shape for t in result.inputs] == [t.shape for t in model.inputs]
     by_name = {layer.name: layer for layer in result.layers}
-    graph = bnseq.graph.walk(result)
+    graph = bnseq.reading.graph.walk(result)
     # a: Conv2D(no bias) -> a_norm -> Activation(relu); b: Conv2D -> b_norm -> ReLU.
     assert not by_name["a"].use_bias and not by_name["b"].use_bias
     assert graph.sole_producer(by_name["a_norm"]) is by_name["a"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from bnseq import data
+from bnseq.statistics import data
 
 
 def test_array_batches_with_a_ragged_last_one_and_steps():

@@ -204,7 +204,7 @@ def test_inputs_and_outputs_are_matched_by_name(kind, suffix, tmp_path):
 
 def test_the_check_catches_a_swapped_input(tmp_path, monkeypatch):
     """Were inputs paired wrongly, the check must fail: pair them in reverse and see it refuse."""
-    export_module = sys.modules["bnseq.export"]  # bnseq.export is the function
+    export_module = sys.modules["bnseq.exporting.exporter"]  # bnseq.export is the function
 
     b = keras.Input((4,), name="b")
     a = keras.Input((4,), name="a")

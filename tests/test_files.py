@@ -7,7 +7,7 @@ import pytest
 from keras import layers
 
 import bnseq
-from bnseq import files
+from bnseq.reading import files
 
 
 def test_as_model_errors(tmp_path):

@@ -12,10 +12,10 @@ from keras import layers
 
 import bnseq
 from bnseq import probes
-from bnseq.fold import batch_norm_affine
-from bnseq.fold import folded_weights
-from bnseq.fold import probe_difference
-from bnseq.fold import scale_kernel
+from bnseq.changing.folding import batch_norm_affine
+from bnseq.changing.folding import folded_weights
+from bnseq.changing.folding import probe_difference
+from bnseq.changing.folding import scale_kernel
 from bnseq.probes import infer
 
 

@@ -38,7 +38,7 @@ from keras import layers
 import bnseq
 from bnseq import kinds
 from bnseq import probes
-from bnseq.graph import walk
+from bnseq.reading.graph import walk
 from tests.backbones import statistics_errors
 
 ACTIVATIONS = [None, "relu", "tanh"]

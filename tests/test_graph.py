@@ -5,8 +5,8 @@ import keras
 from keras import layers
 
 import bnseq
-from bnseq import graph
 from bnseq import internals
+from bnseq.reading import graph
 
 
 def names(items):

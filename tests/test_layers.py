@@ -111,7 +111,7 @@ def test_concrete_tensors():
     )
     assert "it does not guess. Pass `axis=` explicitly" in str(error.value)
     assert str(error.value).endswith("Received: input shape (2, 3, 4, 4)")
-    assert bnseq.layers.is_auto(bn)  # unchanged: it can still be called with a clear input
+    assert bnseq.changing.layers.is_auto(bn)  # unchanged: it can still be called with a clear input
 
 
 def test_explicit_axis_is_keras_own_layer():
@@ -254,7 +254,7 @@ def test_unknown_raises_and_never_guesses(make):
     bn = bnseq.BatchNormalization()
     with pytest.raises(ValueError, match="it does not guess. Pass `axis=` explicitly"):
         bn(x)
-    assert bnseq.layers.is_auto(bn)
+    assert bnseq.changing.layers.is_auto(bn)
 
 
 # An unsettled layer survives every round trip, and settles when first called ------------------------
@@ -265,7 +265,7 @@ def channels_first_stack(bn):
 
 
 def settles_to_channels_first(bn):
-    assert bnseq.layers.is_auto(bn) and bn.momentum == 0.9 and bn.name == "auto"
+    assert bnseq.changing.layers.is_auto(bn) and bn.momentum == 0.9 and bn.name == "auto"
     model = channels_first_stack(bn)
     model.build((None, 3, 6, 6))
     assert bn.axis == 1 and type(bn) is layers.BatchNormalization and bn.gamma.shape == (4,)
@@ -286,7 +286,7 @@ def test_deepcopy_and_clone_model():
     model = channels_first_stack(bnseq.BatchNormalization(momentum=0.9, name="auto"))
     clone = keras.models.clone_model(model)
     settles_to_channels_first(clone.layers[1])
-    assert bnseq.layers.is_auto(model.layers[1])  # the original is untouched
+    assert bnseq.changing.layers.is_auto(model.layers[1])  # the original is untouched
 
 
 def test_keras_file_of_a_model_not_built_yet(tmp_path):

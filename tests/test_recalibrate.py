@@ -9,7 +9,7 @@ from keras import layers
 
 import bnseq
 from bnseq import probes
-from bnseq import segments
+from bnseq.statistics import segments
 
 
 def scramble(model, seed):

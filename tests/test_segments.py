@@ -8,8 +8,8 @@ import numpy as np
 from keras import layers
 
 import bnseq
-from bnseq import graph
-from bnseq import segments
+from bnseq.reading import graph
+from bnseq.statistics import segments
 
 
 def batch_norms(model):

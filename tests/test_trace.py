@@ -14,9 +14,9 @@ import pytest
 from keras import layers
 
 import bnseq
-from bnseq import graph
 from bnseq import probes
-from bnseq import trace
+from bnseq.reading import graph
+from bnseq.reading import trace
 from tests.backbones import BACKBONES
 from tests.backbones import batch_norms
 from tests.backbones import statistics_errors

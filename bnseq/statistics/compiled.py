@@ -12,8 +12,8 @@ import inspect
 
 import keras
 
-from bnseq import graph as graph_module
 from bnseq import internals
+from bnseq.reading import graph as graph_module
 
 
 class Function:

@@ -17,11 +17,11 @@ import dataclasses
 import keras
 import numpy as np
 
-from bnseq import collective
-from bnseq import data as data_module
-from bnseq import graph as graph_module
 from bnseq import probes
-from bnseq import segments
+from bnseq.reading import graph as graph_module
+from bnseq.statistics import collective
+from bnseq.statistics import data as data_module
+from bnseq.statistics import segments
 
 
 @dataclasses.dataclass(frozen=True)

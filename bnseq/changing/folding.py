@@ -15,11 +15,11 @@ import os
 import keras
 import numpy as np
 
-from bnseq import files
-from bnseq import graph as graph_module
 from bnseq import kinds
 from bnseq import probes
-from bnseq import rewrite
+from bnseq.changing import rewrite
+from bnseq.reading import files
+from bnseq.reading import graph as graph_module
 
 # Fold math ----------------------------------------------------------------
 

@@ -5,17 +5,17 @@ import os
 import keras
 import numpy as np
 
-from bnseq import collective
-from bnseq import data as data_module
-from bnseq import files
-from bnseq import fold as fold_module
-from bnseq import graph as graph_module
 from bnseq import kinds
 from bnseq import notices
-from bnseq import rewrite
-from bnseq import rules
-from bnseq import segments
-from bnseq.sequential import Sequential
+from bnseq.changing import folding
+from bnseq.changing import rewrite
+from bnseq.changing.sequential import Sequential
+from bnseq.deciding import rules
+from bnseq.reading import files
+from bnseq.reading import graph as graph_module
+from bnseq.statistics import collective
+from bnseq.statistics import data as data_module
+from bnseq.statistics import segments
 
 
 def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps=None, safe_mode=True):
@@ -183,7 +183,7 @@ def _plan(graph, options, batch_norm, keep, model_name):
             # predictions only if the map folds forward into the next linear layer.
             plan.finish.append(lambda source=existing, target=new_bn: _carry_weights(source, target))
             if keep:
-                target, why_not = fold_module.forward_target(graph, existing)
+                target, why_not = folding.forward_target(graph, existing)
                 if target is None or kinds.why_not_copied(target) is not None:
                     why_not = why_not or (
                         "its output does not go to one linear layer alone"
@@ -217,8 +217,8 @@ def _plan(graph, options, batch_norm, keep, model_name):
         biases = {key: _bias_of(layer) for key, layer in originals.items()}
         for bn, target in forward:
             copy = copies[id(target)]
-            scale, shift = fold_module.affine_of(bn)
-            kernel, bias = fold_module.forward_folded_weights(target, scale, shift, bias=biases[id(target)])
+            scale, shift = folding.affine_of(bn)
+            kernel, bias = folding.forward_folded_weights(target, scale, shift, bias=biases[id(target)])
             copy.kernel.assign(kernel.astype(keras.backend.standardize_dtype(copy.kernel.dtype)))
             biases[id(target)] = bias
         for existing, new_bn, layer in corrected:

@@ -4,13 +4,13 @@
 import keras
 
 from bnseq import kinds
-from bnseq import layers as layers_module
-from bnseq import marks
 from bnseq import notices
 from bnseq import probes
-from bnseq import rewrite
-from bnseq import rules
-from bnseq import units
+from bnseq.changing import layers as layers_module
+from bnseq.changing import marks
+from bnseq.changing import rewrite
+from bnseq.changing import units
+from bnseq.deciding import rules
 
 
 class _EmptyModelError(ValueError, IndexError):

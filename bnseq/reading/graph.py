@@ -23,7 +23,7 @@ import keras
 
 from bnseq import internals
 from bnseq import kinds
-from bnseq import trace as trace_module
+from bnseq.reading import trace as trace_module
 
 
 @dataclasses.dataclass

@@ -39,10 +39,10 @@ lint says nothing. Axes are returned as non-negative indices.
 import keras
 from keras import layers
 
-from bnseq import graph as graph_module
 from bnseq import internals
 from bnseq import kinds
-from bnseq import trace as trace_module
+from bnseq.reading import graph as graph_module
+from bnseq.reading import trace as trace_module
 
 # Keras operations that move or merge axes: their output's layout is not their input's.
 _REARRANGING = {

@@ -14,9 +14,9 @@ import keras
 from keras import layers
 
 from bnseq import internals
-from bnseq import layout
 from bnseq import notices
-from bnseq import rules
+from bnseq.deciding import rules
+from bnseq.reading import layout
 
 
 @keras.saving.register_keras_serializable(package="bnseq", name="BatchNormalization")

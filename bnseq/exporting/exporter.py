@@ -28,11 +28,11 @@ import time
 import keras
 import numpy as np
 
-from bnseq import files
-from bnseq import fold as fold_module
 from bnseq import internals
 from bnseq import notices
 from bnseq import probes
+from bnseq.changing import folding
+from bnseq.reading import files
 
 FORMATS = {".onnx": "onnx", ".tflite": "litert", ".keras": "keras"}
 EXTRAS = {
@@ -266,7 +266,7 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
     tolerance = _default_rtol(model, quantize) if rtol is None else rtol
     with _statistics_restored(model, recalibrate):
         if recalibrate:
-            from bnseq.recalibrate import recalibrate as recalibrate_statistics
+            from bnseq.statistics.recalibration import recalibrate as recalibrate_statistics
 
             recalibrate_statistics(model, _call_input(model, checked), verbose=0)
         if quantize is None:
@@ -278,9 +278,9 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
         if chosen == "onnx":
             _check_onnx_names(model, references[0])
         if fold:
-            target, decisions = fold_module.fold_with_report(model)
+            target, decisions = folding.fold_with_report(model)
         else:
-            target, decisions = model, fold_module.fold_report(model)
+            target, decisions = model, folding.fold_report(model)
         probes.infer(target, _call_input(target, inputs))  # Keras's ONNX exporter wants a called model
         names = _input_names(target)  # the artifact's input names; in the order of model.inputs
         staged = _staged_name(path, chosen)

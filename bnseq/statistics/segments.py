@@ -35,12 +35,12 @@ import weakref
 import keras
 import numpy as np
 
-from bnseq import collective
-from bnseq import compiled
-from bnseq import data
-from bnseq import graph as graph_module
 from bnseq import internals
 from bnseq import probes
+from bnseq.reading import graph as graph_module
+from bnseq.statistics import collective
+from bnseq.statistics import compiled
+from bnseq.statistics import data
 
 DEFAULT_CACHE_FRACTION = 0.5  # of the memory available when the call starts, for "auto"
 

@@ -17,9 +17,9 @@ import weakref
 import keras
 
 from bnseq import kinds
-from bnseq import layers as layers_module
 from bnseq import notices
-from bnseq import rewrite
+from bnseq.changing import layers as layers_module
+from bnseq.changing import rewrite
 
 
 @dataclasses.dataclass(eq=False)

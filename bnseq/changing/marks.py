@@ -5,8 +5,8 @@ import weakref
 import keras
 
 from bnseq import kinds
-from bnseq import rewrite
-from bnseq import rules
+from bnseq.changing import rewrite
+from bnseq.deciding import rules
 
 # Layers marked by `with_batch_norm` / `without_batch_norm`, for the list form
 # of the constructor. Weak keys: a mark never keeps a layer alive.

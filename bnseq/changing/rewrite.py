@@ -26,10 +26,10 @@ import dataclasses
 import keras
 from keras import layers
 
-from bnseq import graph
 from bnseq import internals
 from bnseq import kinds
-from bnseq import rules
+from bnseq.deciding import rules
+from bnseq.reading import graph
 
 
 @dataclasses.dataclass

@@ -50,11 +50,11 @@ import dataclasses
 
 import keras
 
-from bnseq import files
-from bnseq import graph as graph_module
 from bnseq import kinds
-from bnseq import layout
-from bnseq import rules
+from bnseq.deciding import rules
+from bnseq.reading import files
+from bnseq.reading import graph as graph_module
+from bnseq.reading import layout
 
 
 @dataclasses.dataclass(frozen=True)
