@@ -25,11 +25,7 @@ import bnseq
 from benchmarks import common
 from benchmarks import fold_inference
 from bnseq import demo
-from bnseq.exporting.exporter import _litert
-from bnseq.exporting.exporter import _loaded
-from bnseq.exporting.exporter import _onnx
-from bnseq.exporting.exporter import _runtime
-from bnseq.exporting.exporter import _write
+from bnseq.exporting import runtimes
 
 
 def decoder():
@@ -82,9 +78,9 @@ def runs(model, folded, x, runtime, suffix, threads, directory):
         path = os.path.join(directory, f"{name}.{suffix}")
         if not os.path.exists(path):
             bnseq.probes.infer(each, x)
-            _write(each, path, {"onnx": "onnx", "tflite": "litert"}[suffix])
+            runtimes.write(each, path, {"onnx": "onnx", "tflite": "litert"}[suffix])
         names = [tensor.name for tensor in each.inputs]
-        run = _loaded(runtime, path, names, threads, suffix, True, None, [x])
+        run = runtimes.loaded(runtime, path, names, threads, suffix, True, None, [x])
         out.append(lambda run=run: run([x]))
     return out
 
@@ -97,11 +93,11 @@ def run(quick=False):
         folded = bnseq.fold(model)
         with tempfile.TemporaryDirectory() as directory:
             for runtime_name, runtime, suffix in (
-                ("ONNX Runtime", _onnx, "onnx"),
-                ("LiteRT", _litert, "tflite"),
+                ("ONNX Runtime", runtimes.run_onnx, "onnx"),
+                ("LiteRT", runtimes.run_litert, "tflite"),
             ):
                 try:  # the runtime and its exporter installed (the onnx and litert extras)?
-                    _runtime({"onnx": "onnx", "tflite": "litert"}[suffix])
+                    runtimes.runtime({"onnx": "onnx", "tflite": "litert"}[suffix])
                 except (ImportError, ValueError) as error:
                     rows.append([name, runtime_name, "—", "—", "—", f"not run: {error}"[:80]])
                     continue
@@ -128,7 +124,7 @@ def run(quick=False):
     header = ["model", "runtime", "threads", "unfolded ms", "folded ms", "folded/unfolded"]
     table = common.table(header, rows)
     try:
-        _runtime("litert")
+        runtimes.runtime("litert")
     except (ImportError, ValueError) as error:
         return table + f"\n\nint8: not run: {error}", results
     int8_table, results["int8"] = int8(quick)
@@ -225,7 +221,7 @@ def int8(quick):
                     rows.append([name, handled, _shown(float_accuracy), "—", "—", "—", "—", f"not run: {error}"[:60]])
                     continue
                 names = [tensor.name for tensor in model.inputs]
-                run = _litert(path, names, 1)
+                run = runtimes.run_litert(path, names, 1)
                 (_, probabilities), = run([x_test])
                 accuracy = accuracy_of(probabilities, y_test)
                 q = report.quantization

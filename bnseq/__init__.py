@@ -4,9 +4,7 @@ __version__ = "0.5.0"
 
 from bnseq import callbacks
 from bnseq.changing.convert import batch_normalize
-from bnseq.changing.folding import FoldDecision
 from bnseq.changing.folding import fold
-from bnseq.changing.folding import fold_report
 from bnseq.changing.folding import fold_with_report
 from bnseq.changing.layers import BatchNormalization
 from bnseq.changing.marks import with_batch_norm
@@ -14,6 +12,8 @@ from bnseq.changing.marks import without_batch_norm
 from bnseq.changing.sequential import Sequential
 from bnseq.deciding.findings import Finding
 from bnseq.deciding.findings import lint
+from bnseq.deciding.fold_plan import FoldDecision
+from bnseq.deciding.fold_plan import fold_report
 from bnseq.exporting.exporter import ExportReport
 from bnseq.exporting.exporter import ToleranceError
 from bnseq.exporting.exporter import export

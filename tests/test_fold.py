@@ -12,10 +12,10 @@ from keras import layers
 
 import bnseq
 from bnseq import probes
-from bnseq.changing.folding import batch_norm_affine
-from bnseq.changing.folding import folded_weights
 from bnseq.changing.folding import probe_difference
-from bnseq.changing.folding import scale_kernel
+from bnseq.deciding.fold_math import batch_norm_affine
+from bnseq.deciding.fold_math import folded_weights
+from bnseq.deciding.fold_math import scale_kernel
 from bnseq.probes import infer
 
 

@@ -9,7 +9,7 @@ from keras import layers
 
 import bnseq
 from bnseq import probes
-from bnseq.statistics import segments
+from bnseq.statistics import plans
 
 
 def scramble(model, seed):
@@ -325,12 +325,12 @@ def test_compiled_segments_are_reused_and_see_new_weights():
     model = scramble(residual_model(), 26)
     x = np.random.default_rng(27).normal(size=(20, 5, 5, 3)).astype("float32")
     bnseq.recalibrate(model, x, batch_size=8, verbose=0)
-    (plan,) = segments._PLANS[model].values()
+    (plan,) = plans._PLANS[model].values()
     functions = dict(plan.functions)
     conv = model.layers[1]
     conv.kernel.assign(keras.ops.convert_to_numpy(conv.kernel) * 3.0)  # the next call must see this
     bnseq.recalibrate(model, x, batch_size=8, verbose=0)
-    (again,) = segments._PLANS[model].values()
+    (again,) = plans._PLANS[model].values()
     assert again is plan and plan.functions == functions  # nothing compiled again
     check_functional(model, x, ["bn1", "bn2", "short", "bn3"])
 
@@ -339,11 +339,11 @@ def test_a_changed_sequential_gets_a_new_plan():
     model = scramble(sequential_model(), 28)
     x = np.random.default_rng(29).normal(size=(12, 6, 6, 2)).astype("float32")
     bnseq.recalibrate(model, x, verbose=0)
-    (plan,) = segments._PLANS[model].values()
+    (plan,) = plans._PLANS[model].values()
     model.add(layers.Dense(2))
     scramble(model, 30)
     bnseq.recalibrate(model, x, verbose=0)
-    (new_plan,) = segments._PLANS[model].values()
+    (new_plan,) = plans._PLANS[model].values()
     assert new_plan is not plan
     check_sequential(model, x)
 

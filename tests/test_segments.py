@@ -9,6 +9,7 @@ from keras import layers
 
 import bnseq
 from bnseq.reading import graph
+from bnseq.statistics import plans
 from bnseq.statistics import segments
 
 
@@ -32,25 +33,25 @@ def levels_of(plan):
 
 def test_levels_of_a_residual_graph():
     model = residual()
-    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
+    plan = plans.plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
     assert plan.levels == 3
     assert levels_of(plan) == {1: ["a", "short"], 2: ["b"], 3: ["c"]}
 
 
 def test_without_chaining_every_layer_is_measured_at_once():
     model = residual()
-    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=False)
+    plan = plans.plan_for(model, graph.flatten(model), batch_norms(model), chained=False)
     assert levels_of(plan) == {1: ["a", "b", "c", "short"]}
 
 
 def test_each_call_runs_once_and_the_head_never():
     model = residual()
-    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
+    plan = plans.plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
     names = [call.operation.name for call in plan.flat.calls if id(call) in plan.call_step]
     assert "head" not in names and "c" not in names  # nothing after the last BatchNormalization's input
     steps, start = [], -1
     for stop in range(plan.levels):
-        step = segments._step(plan, start, stop, store=stop + 1 < plan.levels)
+        step = plans.step_calls(plan, start, stop, store=stop + 1 < plan.levels)
         steps.append([call.operation.name for call in step.calls])
         start = stop
     # A call runs in the step of its level: `short` (level 1) with `a`, before the add that needs `b`.
@@ -60,18 +61,18 @@ def test_each_call_runs_once_and_the_head_never():
 
 def test_a_cut_keeps_what_later_steps_read_and_the_input_for_the_skip():
     model = residual()
-    plan = segments._plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
-    after_first = segments._cut(plan, 0)
+    plan = plans.plan_for(model, graph.flatten(model), batch_norms(model), chained=True)
+    after_first = plans.cut(plan, 0)
     producers = {ref: call.operation.name for call in plan.flat.calls for ref in call.outputs}
     assert sorted(producers.get(ref, "input") for ref in after_first) == ["da", "ds", "input"]
-    after_second = segments._cut(plan, 1)
+    after_second = plans.cut(plan, 1)
     assert sorted(producers.get(ref, "input") for ref in after_second) == ["db", "input", "short"]
 
 
 def test_the_plan_is_kept_without_keeping_the_model_alive():
     model = residual()
     bnseq.recalibrate(model, np.ones((4, 4), "float32"), verbose=0)
-    assert model in segments._PLANS
+    assert model in plans._PLANS
     gone = weakref.ref(model)
     del model
     gc.collect()

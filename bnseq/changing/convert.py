@@ -7,9 +7,10 @@ import numpy as np
 
 from bnseq import kinds
 from bnseq import notices
-from bnseq.changing import folding
 from bnseq.changing import rewrite
 from bnseq.changing.sequential import Sequential
+from bnseq.deciding import fold_math
+from bnseq.deciding import fold_plan
 from bnseq.deciding import rules
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
@@ -183,7 +184,7 @@ def _plan(graph, options, batch_norm, keep, model_name):
             # predictions only if the map folds forward into the next linear layer.
             plan.finish.append(lambda source=existing, target=new_bn: _carry_weights(source, target))
             if keep:
-                target, why_not = folding.forward_target(graph, existing)
+                target, why_not = fold_plan.forward_target(graph, existing)
                 if target is None or kinds.why_not_copied(target) is not None:
                     why_not = why_not or (
                         "its output does not go to one linear layer alone"
@@ -217,8 +218,8 @@ def _plan(graph, options, batch_norm, keep, model_name):
         biases = {key: _bias_of(layer) for key, layer in originals.items()}
         for bn, target in forward:
             copy = copies[id(target)]
-            scale, shift = folding.affine_of(bn)
-            kernel, bias = folding.forward_folded_weights(target, scale, shift, bias=biases[id(target)])
+            scale, shift = fold_math.affine_of(bn)
+            kernel, bias = fold_math.forward_folded_weights(target, scale, shift, bias=biases[id(target)])
             copy.kernel.assign(kernel.astype(keras.backend.standardize_dtype(copy.kernel.dtype)))
             biases[id(target)] = bias
         for existing, new_bn, layer in corrected:

@@ -16,42 +16,30 @@ A runtime lists them in an order of its own (LiteRT's interpreter lists a
 two-input model's inputs as `[b, a]`).
 """
 
-import contextlib
 import dataclasses
 import os
-import re
 import shutil
-import statistics
 import tempfile
-import time
 
 import keras
-import numpy as np
 
 from bnseq import internals
 from bnseq import notices
 from bnseq import probes
 from bnseq.changing import folding
+from bnseq.deciding import fold_plan
+from bnseq.exporting import checking
+from bnseq.exporting import quantization as quantizing
+from bnseq.exporting import runtimes
 from bnseq.reading import files
 
 FORMATS = {".onnx": "onnx", ".tflite": "litert", ".keras": "keras"}
-EXTRAS = {
-    "onnx": ("onnx", ["onnxruntime", "tf2onnx", "onnx"]),
-    "litert": ("litert", ["ai_edge_litert"]),
-    "tf_saved_model": ("tensorflow", ["tensorflow"]),
-    "keras": (None, []),
-}
+
+
 # Default tolerances, relative to the largest output. By the lowest-precision
 # compute dtype in the model: float16 keeps 11 significant bits (a rounding
 # step of 1e-3), bfloat16 8 (8e-3), and the runtime rounds in its own order.
 RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-# For quantized LiteRT exports, of the mean absolute difference over the mean
-# absolute output on `data` (int8 has 256 levels per tensor).
-QUANTIZED_RTOL = {"float16": 1e-2, "int8": 0.1}
-# How many examples of `data` calibrate int8 (the converter's documentation
-# suggests a few hundred), one at a time.
-CALIBRATION_EXAMPLES = 300
-FAILED = ".failed-check"
 
 
 class ToleranceError(ValueError):
@@ -69,35 +57,6 @@ class ToleranceError(ValueError):
     def __init__(self, message, report):
         super().__init__(message)
         self.report = report
-
-
-@dataclasses.dataclass(frozen=True)
-class Quantization:
-    """How a quantized LiteRT export compares with the float model, on `data`.
-
-    Attributes:
-        kind: str. `"int8"` or `"float16"`.
-        examples: int. Examples of `data` compared.
-        agreement: float or None. Fraction of examples whose top-1 class
-            (argmax of the last axis) is the float model's, for outputs of
-            shape `(batch, classes)`; the lowest over such outputs. `None`
-            when no output is a classifier's.
-        mean_rel: float. Mean absolute difference over the mean absolute
-            float output.
-        float_size: int. Bytes of the float LiteRT export of the same model.
-        float_latency: float. Median seconds per run of that float export in
-            the interpreter, timed interleaved with the quantized one.
-        recalibrated: bool. Whether the statistics were recalibrated on
-            `data` before folding.
-    """
-
-    kind: str
-    examples: int
-    agreement: object
-    mean_rel: float
-    float_size: int
-    float_latency: float
-    recalibrated: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,61 +218,63 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
     chosen = _format_of(path, format)
     _check_target(path, chosen, source, overwrite)
     model = files.as_model(model, safe_mode=safe_mode)
-    _check_quantize(quantize, chosen, data, recalibrate)
-    runtime = _runtime(chosen)
-    inputs = probes.random_inputs(model) if sample is None else _flat_inputs(model, sample, "sample")
-    checked = inputs if quantize is None else _flat_inputs(model, data, "data")
+    quantizing.check_quantize(quantize, chosen, data, recalibrate)
+    runtime = runtimes.runtime(chosen)
+    inputs = probes.random_inputs(model) if sample is None else checking.flat_inputs(model, sample, "sample")
+    checked = inputs if quantize is None else checking.flat_inputs(model, data, "data")
     tolerance = _default_rtol(model, quantize) if rtol is None else rtol
-    with _statistics_restored(model, recalibrate):
+    with quantizing.statistics_restored(model, recalibrate):
         if recalibrate:
             from bnseq.statistics.recalibration import recalibrate as recalibrate_statistics
 
-            recalibrate_statistics(model, _call_input(model, checked), verbose=0)
+            recalibrate_statistics(model, checking.call_input(model, checked), verbose=0)
         if quantize is None:
-            call_input = _call_input(model, inputs)
-            references = [_named(model, run(model, call_input)) for run in (probes.predicted, probes.infer)]
+            call_input = checking.call_input(model, inputs)
+            references = [checking.named(model, run(model, call_input)) for run in (probes.predicted, probes.infer)]
         else:
-            references = [_named(model, probes.predicted(model, _call_input(model, checked), batch_size=32))]
-        weak = _weakness(references[0])
+            call_input = checking.call_input(model, checked)
+            references = [checking.named(model, probes.predicted(model, call_input, batch_size=32))]
+        weak = checking.weakness(references[0])
         if chosen == "onnx":
-            _check_onnx_names(model, references[0])
+            checking.check_onnx_names(model, references[0])
         if fold:
             target, decisions = folding.fold_with_report(model)
         else:
-            target, decisions = model, folding.fold_report(model)
-        probes.infer(target, _call_input(target, inputs))  # Keras's ONNX exporter wants a called model
-        names = _input_names(target)  # the artifact's input names; in the order of model.inputs
+            target, decisions = model, fold_plan.fold_report(model)
+        probes.infer(target, checking.call_input(target, inputs))  # Keras's ONNX exporter wants a called model
+        names = checking.input_names(target)  # the artifact's input names; in the order of model.inputs
         staged = _staged_name(path, chosen)
         unfolded_latency = quantization = None
         try:
-            _write(target, staged, chosen, quantize, checked, names, shown=path)
-            run = _loaded(runtime, staged, names, threads, chosen, safe_mode, path, inputs, _lowest_precision(model))
-            outputs = _paired(references[0], _in_batches(run, checked), chosen)
-            max_abs, max_rel = min(_difference(reference, outputs) for reference in references)
+            runtimes.write(target, staged, chosen, quantize, checked, names, shown=path)
+            precision = _lowest_precision(model)
+            run = runtimes.loaded(runtime, staged, names, threads, chosen, safe_mode, path, inputs, precision)
+            outputs = checking.paired(references[0], runtimes.in_batches(run, checked), chosen)
+            max_abs, max_rel = min(checking.difference(reference, outputs) for reference in references)
             if quantize is not None:
-                quantization, latency = _quantization(
+                quantization, latency = quantizing.quantization(
                     quantize, target, references[0], outputs, inputs, names, threads, recalibrate, run
                 )
             elif compare:
                 with tempfile.TemporaryDirectory() as directory:
                     other = os.path.join(directory, "unfolded" + (os.path.splitext(path)[1] or ""))
-                    probes.infer(model, _call_input(model, inputs))
-                    _write(model, other, chosen)
-                    run_unfolded = _loaded(
-                        runtime, other, _input_names(model), threads, chosen, safe_mode, None, inputs
+                    probes.infer(model, checking.call_input(model, inputs))
+                    runtimes.write(model, other, chosen)
+                    run_unfolded = runtimes.loaded(
+                        runtime, other, checking.input_names(model), threads, chosen, safe_mode, None, inputs
                     )
-                    latency, unfolded_latency = _interleaved_latency(
+                    latency, unfolded_latency = runtimes.interleaved_latency(
                         [lambda: run(inputs), lambda: run_unfolded(inputs)]
                     )
             else:
-                (latency,) = _interleaved_latency([lambda: run(inputs)])
+                (latency,) = runtimes.interleaved_latency([lambda: run(inputs)])
         except BaseException:
-            _remove(staged)
+            runtimes.remove(staged)
             raise
     folded = sum(decision.folded for decision in decisions) if fold else 0
     report_fields = dict(
         format=chosen,
-        size=_size(staged),
+        size=runtimes.size(staged),
         folded=folded,
         kept=len(decisions) - folded,
         max_abs=max_abs,
@@ -326,7 +287,7 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
     )
     failure = _failure(chosen, path, report_fields, tolerance, quantize, min_agreement, model, fold)
     if failure is not None:
-        kept = _keep_failed(staged, path)
+        kept = runtimes.keep_failed(staged, path)
         report = ExportReport(path=kept, **report_fields)
         raise ToleranceError(f"{failure} The artifact is kept as '{kept}'; '{path}' was not written.", report)
     _move_into_place(staged, path)
@@ -396,39 +357,11 @@ def _check_target(path, chosen, source, overwrite):
         raise ValueError(f"'{path}' is a directory; a {chosen} export is a file. Choose another output path.")
 
 
-def _check_onnx_names(model, expected):
-    clashes = sorted(set(expected) & set(_input_names(model)))
-    if clashes:
-        raise ValueError(
-            f"The model has an output and an input both named {clashes[0]!r}, which Keras's ONNX exporter "
-            "(tf2onnx) cannot write ('graph input not exist'). Rename the output's key or the keras.Input."
-        )
-
-
-def _check_quantize(quantize, chosen, data, recalibrate):
-    if quantize is not None:
-        if quantize not in QUANTIZED_RTOL:
-            raise ValueError(f"quantize= takes 'int8' or 'float16'. Received: quantize={quantize!r}")
-        if chosen != "litert":
-            raise ValueError(
-                f"quantize= is for LiteRT exports (.tflite); this export is {chosen}. Received: quantize={quantize!r}"
-            )
-        if data is None:
-            raise ValueError(
-                f"quantize={quantize!r} needs data=: the inputs the quantized model is checked on "
-                "(and, for int8, calibrated on), e.g. a few hundred examples of the training set."
-            )
-    elif data is not None:
-        raise ValueError("data= is for quantize=; to check a float export on real inputs, pass them as sample=.")
-    if recalibrate and data is None:
-        raise ValueError("recalibrate=True needs data=: the inputs to compute the statistics over.")
-
-
 def _format_of(path, format):
     if format is not None:
-        if format not in EXTRAS:
+        if format not in runtimes.EXTRAS:
             raise ValueError(
-                f"Unknown export format. Use one of {', '.join(sorted(EXTRAS))}. Received: format={format!r}"
+                f"Unknown export format. Use one of {', '.join(sorted(runtimes.EXTRAS))}. Received: format={format!r}"
             )
         return format
     suffix = os.path.splitext(path)[1].lower()
@@ -440,29 +373,6 @@ def _format_of(path, format):
             f"directory (a TensorFlow SavedModel), or format=. Received: path={path!r}"
         )
     return "tf_saved_model"
-
-
-def _runtime(chosen):
-    """The function that loads an artifact and returns its runner; raises if its runtime is missing."""
-    extra, modules = EXTRAS[chosen]
-    for module in modules:
-        try:
-            __import__(module)
-        except ImportError as error:
-            raise ImportError(
-                f"Exporting to {chosen} and checking it needs the '{module}' package, which is not "
-                f"installed. Install bnseq's {extra} extra: pip install 'bnseq[{extra}]' "
-                f"(from a clone: pip install '.[{extra}]')."
-            ) from error
-    if chosen != "keras" and keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            f"bnseq.export to {chosen} goes through Keras's TensorFlow exporters; this process runs "
-            f"the {keras.backend.backend()} backend. Set KERAS_BACKEND=tensorflow, or export to .keras."
-        )
-    return {"onnx": _onnx, "litert": _litert, "tf_saved_model": _saved_model, "keras": _keras}[chosen]
-
-
-# Files: written next to the target, moved into place after the check.
 
 
 def _staged_name(path, chosen):
@@ -484,366 +394,6 @@ def _move_into_place(staged, path):
     os.replace(staged, path)
 
 
-def _keep_failed(staged, path):
-    root, suffix = os.path.splitext(os.path.normpath(path))
-    if os.path.isdir(staged):
-        root, suffix = os.path.normpath(path), ""
-    kept = root + FAILED + suffix
-    _remove(kept)
-    os.replace(staged, kept)
-    return kept
-
-
-def _remove(name):
-    if os.path.isdir(name):
-        shutil.rmtree(name, ignore_errors=True)
-    elif os.path.exists(name):
-        os.remove(name)
-
-
-def _write(model, path, chosen, quantize=None, data=None, names=None, shown=None):
-    """Writes `model` to `path` (a temporary name; errors name `shown`, the target, instead)."""
-    if chosen == "keras":
-        model.save(path)
-        return
-    options = {} if quantize is None else _converter_options(quantize, data, names)
-    try:
-        model.export(path, format=chosen, verbose=False, **options)
-    except Exception as error:  # the converters raise their own error classes
-        if quantize is not None and _UNSUPPORTED.search(str(error)):
-            raise ValueError(_quantization_refused(model, quantize, error)) from error
-        raise ValueError(
-            f"Keras's {chosen} exporter cannot write '{shown or path}': {notices.first_line(error)}"
-        ) from error
-
-
-def _converter_options(quantize, data, names):
-    """The TFLite converter's settings, passed through Keras's `Model.export(format="litert", ...)`."""
-    import tensorflow as tf
-
-    if quantize == "float16":
-        return {"optimizations": [tf.lite.Optimize.DEFAULT], "target_spec": {"supported_types": [tf.float16]}}
-
-    def representative():
-        for index in range(min(len(data[0]), CALIBRATION_EXAMPLES)):
-            yield {name: each[index : index + 1] for name, each in zip(names, data)}
-
-    return {
-        "optimizations": [tf.lite.Optimize.DEFAULT],
-        "representative_dataset": representative,
-        # Only int8 kernels: the converter refuses an operation without one instead of leaving it in float.
-        "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
-        "inference_input_type": tf.int8,
-        "inference_output_type": tf.int8,
-    }
-
-
-_UNSUPPORTED = re.compile(r"neither a custom op nor a flex op|not supported|failed to legalize|unsupported", re.I)
-
-
-def _quantization_refused(model, quantize, error):
-    text = str(error)
-    # The converter's locations name the layer's scope: "sequential_1/odd_erf_1/Erf@...".
-    layers = [
-        layer.name
-        for layer in internals.inner_layers(model)
-        if not getattr(layer, "layers", None) and re.search(rf"(?<!\w){re.escape(layer.name)}(_\d+)?/", text)
-    ]
-    operations = sorted(set(re.findall(r"'(tf\.\w+|tfl\.\w+)' op", text)))
-    where = f" in layer {', '.join(layers[-3:])}" if layers else ""
-    what = f" ({', '.join(operations)})" if operations else ""
-    return (
-        f"The LiteRT converter cannot quantize this model to {quantize}: an operation{what}{where} has no "
-        f"{quantize} kernel or cannot be quantized. Export without quantize=, or with quantize='float16'. "
-        f"The converter said: {notices.first_line(error)}"
-    )
-
-
-# Inputs and outputs: flat lists in the order of `model.inputs`, outputs by name.
-
-
-def _input_names(model):
-    return [tensor.name for tensor in model.inputs]
-
-
-def _input_structure(model):
-    try:
-        return model.input  # a Functional's own structure: a dict, a list or one tensor
-    except AttributeError:  # a Sequential that was never called
-        return model.inputs[0] if len(model.inputs) == 1 else list(model.inputs)
-
-
-def _call_input(model, flat):
-    return keras.tree.pack_sequence_as(_input_structure(model), list(flat))
-
-
-def _flat_inputs(model, value, what):
-    """`value` (array, list or dict) as a list in the order of `model.inputs`, cast and shape-checked."""
-    tensors = model.inputs
-    names = _input_names(model)
-    structure = _input_structure(model)
-    if isinstance(value, dict) or hasattr(value, "files"):  # a dict, or NumPy's NpzFile
-        keyed = {key: value[key] for key in (value.files if hasattr(value, "files") else value)}
-        # A model built on a dict of inputs takes its own keys too (Keras warns when they differ from the names).
-        aliases = {key: tensor.name for key, tensor in structure.items()} if isinstance(structure, dict) else {}
-        by_name = {aliases.get(key, key): array for key, array in keyed.items()}
-        if len(keyed) == 1 and len(names) == 1:
-            by_name = {names[0]: next(iter(keyed.values()))}
-        if set(by_name) != set(names):
-            keys = sorted(aliases) or names
-            raise ValueError(
-                f"The {what} must have one array per model input, keyed by the input's name: "
-                f"{', '.join(map(repr, keys))}. Received keys: {', '.join(map(repr, keyed))}"
-            )
-        arrays = [by_name[name] for name in names]
-    elif isinstance(value, (list, tuple)):
-        arrays = list(value)
-    else:
-        arrays = [value]
-    if len(arrays) != len(tensors):
-        raise ValueError(
-            f"The model takes {len(tensors)} inputs ({', '.join(names)}); the {what} has {len(arrays)}. Pass a "
-            "list in that order, or a dict keyed by those names."
-        )
-    flat = []
-    for name, tensor, array in zip(names, tensors, arrays):
-        dtype = keras.backend.standardize_dtype(tensor.dtype)
-        array = np.asarray(keras.ops.convert_to_numpy(array) if not isinstance(array, np.ndarray) else array)
-        expected = tuple(tensor.shape)
-        if array.ndim != len(expected) or any(
-            size is not None and size != got for size, got in zip(expected[1:], array.shape[1:])
-        ):
-            shape = "(batch, " + ", ".join("?" if size is None else str(size) for size in expected[1:]) + ")"
-            raise ValueError(
-                f"The {what} for input '{name}' has shape {array.shape}; the model takes {shape}."
-            )
-        if len(array) == 0:
-            raise ValueError(f"The {what} for input '{name}' is empty.")
-        flat.append(array.astype(dtype, copy=False))
-    if len({len(array) for array in flat}) > 1:
-        raise ValueError(
-            f"The {what}'s arrays have different numbers of examples: "
-            + ", ".join(f"{name} {len(array)}" for name, array in zip(names, flat))
-        )
-    return flat
-
-
-def _named(model, outputs):
-    """The model's outputs as `{name: array}` in flatten order: a dict's keys, or `output_0`, `output_1`, ..."""
-    if isinstance(outputs, dict):
-        return {key: np.asarray(outputs[key]) for key in sorted(outputs)}
-    return {f"output_{index}": np.asarray(each) for index, each in enumerate(keras.tree.flatten(outputs))}
-
-
-def _paired(expected, produced, chosen):
-    """`produced` (a list of `(name, array)` in the runtime's order) keyed by the names in `expected`."""
-    by_name = {re.sub(r":\d+$", "", name): array for name, array in produced}
-    if set(expected) <= set(by_name):
-        return {name: by_name[name] for name in expected}
-    if len(produced) == len(expected) and (len(expected) == 1 or chosen == "onnx"):
-        # One output; or tf2onnx's names (Identity, Identity_1, ...), listed in the model's output order.
-        return {name: array for name, (_, array) in zip(expected, produced)}
-    raise ValueError(
-        f"The {chosen} artifact's outputs ({', '.join(name for name, _ in produced)}) cannot be matched with "
-        f"the model's ({', '.join(expected)})."
-    )
-
-
-def _matched_inputs(names, available, chosen):
-    """`{model input name: runtime input name}`."""
-    plain = {re.sub(r":\d+$", "", name): name for name in available}
-    if set(names) <= set(plain):
-        return {name: plain[name] for name in names}
-    if len(names) == len(available) == 1:
-        return {names[0]: available[0]}
-    raise ValueError(
-        f"The {chosen} artifact's inputs ({', '.join(available)}) cannot be matched with the model's "
-        f"({', '.join(names)}) by name."
-    )
-
-
-def _difference(expected, actual):
-    max_abs = scale = 0.0
-    for name, a in expected.items():
-        a = np.asarray(a, np.float64)
-        b = np.asarray(actual[name], np.float64).reshape(np.shape(a))
-        max_abs = max(max_abs, float(np.max(np.abs(a - b))))
-        scale = max(scale, float(np.max(np.abs(a))))
-    return max_abs, max_abs / scale if scale else max_abs
-
-
-def _weakness(expected):
-    """Why a check on these outputs says little, or `None`."""
-    arrays = [np.asarray(each, np.float64) for each in expected.values()]
-    if all(not np.any(each) for each in arrays):
-        return (
-            "the model's outputs on the sample are all zero. Pass sample= with real inputs (on the command "
-            "line --sample FILE.npy or .npz) for a check that can fail."
-        )
-    if all(len(each) > 1 and np.all(each == each[:1]) for each in arrays):
-        return (
-            "the model gives the same outputs for every example of the sample. Pass sample= with real inputs "
-            "(on the command line --sample FILE.npy or .npz) for a check that can fail."
-        )
-    return None
-
-
-# Runtimes: each returns `run(flat_inputs)` -> list of (name, array) in the runtime's own order.
-
-
-def _loaded(runtime, staged, names, threads, chosen, safe_mode, path, inputs, precision="float32"):
-    """The artifact loaded in its runtime and run once on `inputs` (also the timing's warm-up).
-
-    Where the runtime refuses it: a clear error, and the artifact kept under a
-    `.failed-check` name (a temporary one, `path=None`, is left to its caller).
-    """
-    try:
-        run = runtime(staged, names, threads, safe_mode=safe_mode)
-        run(inputs)
-    except Exception as error:  # each runtime has its own error classes
-        kept = staged if path is None else _keep_failed(staged, path)
-        hint = ""
-        if chosen == "litert" and precision != "float32" and "Flex" in str(error):
-            hint = (
-                f" The model computes in {precision}, which Keras's LiteRT export writes as TensorFlow ops that "
-                "the LiteRT interpreter lacks: export a float32 copy of the model instead (LiteRT computes in "
-                "float16 itself with quantize='float16')."
-            )
-        raise ValueError(
-            f"The {chosen} runtime cannot run the export of '{path or staged}' that Keras's exporter wrote "
-            f"(kept as '{kept}'): {notices.first_line(error)}{hint}"
-        ) from error
-    return run
-
-
-def _onnx(path, names, threads, **_):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    matched = _matched_inputs(names, [spec.name for spec in session.get_inputs()], "onnx")
-    outputs = [spec.name for spec in session.get_outputs()]
-
-    def run(flat):
-        values = session.run(None, {matched[name]: value for name, value in zip(names, flat)})
-        return list(zip(outputs, values))
-
-    return run
-
-
-def _litert(path, names, threads, **_):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    runner = interpreter.get_signature_runner()  # inputs and outputs by name, resized to what is fed
-    inputs, outputs = runner.get_input_details(), runner.get_output_details()
-    matched = _matched_inputs(names, list(inputs), "litert")
-
-    def run(flat):
-        feed = {matched[name]: _quantized(value, inputs[matched[name]]) for name, value in zip(names, flat)}
-        results = runner(**feed)
-        return [(name, _dequantized(results[name], outputs[name])) for name in outputs]
-
-    return run
-
-
-def _in_batches(run, flat, size=256):
-    """`run` over `flat` a batch at a time, the outputs concatenated in the runtime's order."""
-    parts = [run([each[start : start + size] for each in flat]) for start in range(0, len(flat[0]), size)]
-    return [(name, np.concatenate([part[index][1] for part in parts])) for index, (name, _) in enumerate(parts[0])]
-
-
-def _quantized(value, detail):
-    """A float input as a LiteRT input tensor takes it: quantized by its scale and zero point if integer."""
-    dtype = np.dtype(detail["dtype"])
-    scale, zero_point = detail["quantization"]
-    if dtype.kind in "iu" and scale:
-        limits = np.iinfo(dtype)
-        return np.clip(np.round(value / scale + zero_point), limits.min, limits.max).astype(dtype)
-    return value.astype(dtype, copy=False)
-
-
-def _dequantized(value, detail):
-    scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind in "iu" and scale:
-        return (value.astype(np.float32) - zero_point) * scale
-    return value
-
-
-def _saved_model(path, names, threads, **_):
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(path)
-    serve = loaded.signatures["serving_default"]
-    matched = _matched_inputs(names, list(serve.structured_input_signature[1]), "tf_saved_model")
-
-    def run(flat):
-        results = serve(**{matched[name]: tf.constant(value) for name, value in zip(names, flat)})
-        return [(name, np.asarray(value)) for name, value in results.items()]
-
-    return run
-
-
-def _keras(path, names, threads, *, safe_mode=True):
-    loaded = keras.saving.load_model(path, safe_mode=safe_mode)
-
-    def run(flat):  # as a user runs it: predict
-        return list(_named(loaded, probes.predicted(loaded, _call_input(loaded, flat))).items())
-
-    return run
-
-
-# Quantization.
-
-
-def _quantization(kind, target, expected, outputs, inputs, names, threads, recalibrate, run):
-    """The `Quantization` of a quantized export, and its latency (timed interleaved with a float export)."""
-    agreements = [
-        float(np.mean(np.argmax(reference, -1) == np.argmax(outputs[name], -1)))
-        for name, reference in expected.items()
-        if reference.ndim == 2 and reference.shape[-1] > 1
-    ]
-    mean_abs = sum(float(np.mean(np.abs(np.asarray(outputs[name], np.float64) - reference)))
-                   for name, reference in expected.items())
-    scale = sum(float(np.mean(np.abs(np.asarray(reference, np.float64)))) for reference in expected.values())
-    with tempfile.TemporaryDirectory() as directory:
-        other = os.path.join(directory, "float.tflite")
-        _write(target, other, "litert")
-        run_float = _loaded(_litert, other, names, threads, "litert", True, None, inputs)
-        latency, float_latency = _interleaved_latency([lambda: run(inputs), lambda: run_float(inputs)])
-        float_size = _size(other)
-    quantization = Quantization(
-        kind=kind,
-        examples=len(next(iter(expected.values()))),
-        agreement=min(agreements) if agreements else None,
-        mean_rel=mean_abs / scale if scale else mean_abs,
-        float_size=float_size,
-        float_latency=float_latency,
-        recalibrated=bool(recalibrate),
-    )
-    return quantization, latency
-
-
-@contextlib.contextmanager
-def _statistics_restored(model, active):
-    """With `active`, puts every variable of `model` back as it was afterwards (recalibrate changes some)."""
-    if not active:
-        yield
-        return
-    saved = [(variable, keras.ops.convert_to_numpy(variable)) for variable in model.variables]
-    try:
-        yield
-    finally:
-        for variable, value in saved:
-            variable.assign(value)
-
-
-# Dtypes and layers.
-
-
 def _lowest_precision(model):
     dtypes = {keras.backend.standardize_dtype(getattr(layer, "compute_dtype", None) or "float32")
               for layer in [model, *internals.inner_layers(model)]}
@@ -855,30 +405,5 @@ def _lowest_precision(model):
 
 def _default_rtol(model, quantize):
     if quantize is not None:
-        return QUANTIZED_RTOL[quantize]
+        return quantizing.QUANTIZED_RTOL[quantize]
     return RTOL[_lowest_precision(model)]
-
-
-def _interleaved_latency(runs, rounds=7, calls=5):
-    """Median seconds per call of each run, rounds interleaved in rotating order.
-
-    Every run has been called once already, so there is no warm-up here.
-    """
-    times = [[] for _ in runs]
-    for round_index in range(rounds):
-        order = list(range(len(runs)))
-        shift = round_index % len(runs)
-        for index in order[shift:] + order[:shift]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                runs[index]()
-            times[index].append((time.perf_counter() - start) / calls)
-    return [statistics.median(each) for each in times]
-
-
-def _size(path):
-    if os.path.isdir(path):
-        return sum(
-            os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
-        )
-    return os.path.getsize(path)

@@ -1,7 +1,7 @@
 """Statistics: recalibrate, and what it runs to measure each BatchNormalization's input exactly.
 
 `recalibration` is `bnseq.recalibrate` and its report; `segments` measures
-level by level over the plan `levels` makes (which calls each step makes, which
+level by level over the plan `plans` makes (which calls each step makes, which
 tensors cross each cut); `compiled` turns a step into a function compiled as
 `predict` compiles; `data` takes what `predict` takes; `collective` pools each
 level's statistics over the processes of a multi-process run.

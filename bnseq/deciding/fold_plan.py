@@ -1,0 +1,239 @@
+"""What `bnseq.fold` will do with each BatchNormalization, decided on a read model.
+
+For each BatchNormalization: fold back into the linear layer before it, fold
+forward into the one after it, or stay, with the reason in one line
+(`FoldDecision`, `bnseq.fold_report`). The decisions read the graph and the
+layers; they build nothing (`changing/folding.py` applies them).
+"""
+
+import dataclasses
+
+import keras
+
+from bnseq import kinds
+from bnseq import probes
+from bnseq.deciding import fold_math
+from bnseq.reading import files
+from bnseq.reading import graph as graph_module
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldDecision:
+    """What `fold` does with one BatchNormalization.
+
+    Attributes:
+        batch_norm: str. The BatchNormalization's name.
+        producer: str or None. The layer that feeds it, if exactly one does
+            (the same word as `Finding.producer`); for one bnseq cannot see,
+            the layer it is hidden in.
+        folded: bool. Whether it folds into that layer.
+        reason: str. Why it stays, when it does; empty when it folds.
+        into: str or None. The layer after it that it folds into, when it
+            folds forward (it follows an activation or another layer that is
+            not linear, and feeds only a linear layer); `None` otherwise.
+    """
+
+    batch_norm: str
+    producer: object
+    folded: bool
+    reason: str
+    into: object = None
+
+    def __str__(self):
+        if self.folded and self.into is not None:
+            return f"{self.batch_norm}: folded forward into {self.into}"
+        if self.folded:
+            return f"{self.batch_norm}: folded into {self.producer}"
+        return f"{self.batch_norm}: kept, {self.reason}"
+
+
+def fold_report(model, *, safe_mode=True):
+    """What `fold(model)` would do with each BatchNormalization, in model order.
+
+    Every BatchNormalization is accounted for, also one inside a subclassed
+    layer or model whose `call()` bnseq cannot see (kept, with that reason).
+
+    Args:
+        model: `keras.Model` (Sequential or functional, subclasses built from
+            inputs and outputs included), or the path of a `.keras` file.
+        safe_mode: bool. Keras's `safe_mode` for loading a file.
+
+    Returns:
+        list of `FoldDecision`.
+
+    Examples:
+        >>> model = keras.Sequential([
+        ...     keras.Input((4,)),
+        ...     keras.layers.Dense(3, use_bias=False, name="d"),
+        ...     keras.layers.BatchNormalization(name="bn"),
+        ...     keras.layers.ReLU(name="relu"),
+        ...     keras.layers.BatchNormalization(name="late"),
+        ... ])
+        >>> for decision in bnseq.fold_report(model):
+        ...     print(decision)
+        bn: folded into d
+        late: kept, it follows ReLU 'relu', which is not a linear layer
+    """
+    model = files.as_model(model, safe_mode=safe_mode)
+    return [decision for _, _, decision, _ in decide(graph_module.walk(model))]
+
+
+def decide(graph):
+    """(BatchNormalization, producer or None, FoldDecision, consumer or None) for each one.
+
+    A BatchNormalization folds back into the linear layer that feeds it, or,
+    where it cannot, forward into the linear layer that alone takes its output.
+    """
+    decisions = []
+    for layer in graph.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            for hidden in graph.hidden_batch_norms(layer):
+                reason = f"it is inside {kinds.describe(layer)}, and {graph.why_opaque(layer)}"
+                decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason), None))
+            continue
+        producer = graph.sole_producer(layer)
+        reason = _why_not(graph, producer, layer)
+        name = None if producer is None else producer.name
+        if reason is None:
+            decisions.append((layer, producer, FoldDecision(layer.name, name, True, ""), None))
+            continue
+        consumer, why_not_forward_reason = forward_target(graph, layer)
+        if consumer is not None:
+            decisions.append((layer, None, FoldDecision(layer.name, name, True, "", into=consumer.name), consumer))
+            continue
+        if why_not_forward_reason:
+            reason += f"; nor forward: {why_not_forward_reason}"
+        decisions.append((layer, None, FoldDecision(layer.name, name, False, reason), None))
+    for layer in graph.uncalled:
+        decisions.append((layer, None, FoldDecision(layer.name, None, False, "it is never called"), None))
+    return decisions
+
+
+def forward_target(graph, bn):
+    """(the linear layer `bn` can fold forward into, None), or (None, why not or "")."""
+    consumers = graph.consumers(bn)
+    if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
+        return None, ""
+    (consumer,) = consumers
+    if not kinds.is_linear(consumer):
+        return None, ""
+    if graph.producers(consumer) != [bn] or graph.calls_of(consumer) != 1:
+        return None, f"{kinds.describe(consumer)} also takes other inputs"
+    if graph.parents.get(id(consumer)) is not graph.parents.get(id(bn)):
+        return None, f"{kinds.describe(consumer)} is in a different model"
+    reason = fold_math.why_not_forward(consumer)
+    if reason is not None:
+        return None, reason
+    shape = graph.output_shape(bn)
+    rank = len(shape) if shape is not None else kinds.output_rank(consumer)
+    expected = -1 if isinstance(consumer, keras.layers.Dense) else kinds.channel_axis(consumer)
+    if not kinds.same_axis(bn.axis, expected, rank):
+        return None, f"its axis {bn.axis} is not the input channel axis of {kinds.describe(consumer)}"
+    if not consumer.use_bias and _bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
+        return None, f"{kinds.describe(consumer)} would need a bias this backend adds on the wrong axis"
+    if not consumer.use_bias and _fuses_wrongly(graph, consumer, consumer):
+        return None, _FUSION_REASON.format(layer=kinds.describe(consumer))
+    return consumer, None
+
+
+def _why_not(graph, producer, bn):
+    """Why `bn` cannot fold into `producer`, or None when it can."""
+    if producer is None:
+        count = len(graph.producers(bn))
+        return (
+            "it takes a model input"
+            if count == 0
+            else f"it takes the outputs of {count} layers"
+        )
+    if not kinds.is_linear(producer):
+        return f"it follows {kinds.describe(producer)}, which is not a linear layer"
+    if not kinds.is_identity(producer.activation):
+        return (
+            f"{kinds.describe(producer)} applies its activation before it; "
+            "only a linear layer with the identity activation folds"
+        )
+    if not graph.feeds_only(producer, bn):
+        return f"the output of {kinds.describe(producer)} is also used elsewhere"
+    if graph.parents.get(id(producer)) is not graph.parents.get(id(bn)):
+        return f"it is in a different model than {kinds.describe(producer)}"
+    if not kinds.same_axis(bn.axis, kinds.channel_axis(producer), kinds.output_rank(producer)):
+        return (
+            f"its axis {bn.axis} is not the channel axis of "
+            f"{kinds.describe(producer)}"
+        )
+    if _bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
+        return (
+            f"{kinds.describe(producer)} is channels_first with as many channels "
+            "as its last spatial size, where this Keras backend adds a bias "
+            "along the last axis in eager calls; folding would change the "
+            "outputs"
+        )
+    why = kinds.why_not_copied(producer)  # folding re-creates it from its config
+    if why is not None:
+        return f"{kinds.describe(producer)} cannot be re-created from its config: {why}"
+    activation = activation_after(graph, bn)
+    if _fuses_wrongly(graph, producer, activation or bn):
+        return _FUSION_REASON.format(layer=kinds.describe(producer))
+    return None
+
+
+_FUSION_REASON = (
+    "folding would give {layer} a bias followed by an add and a LeakyReLU, which TensorFlow with oneDNN "
+    "fuses into one kernel that ignores the slope under predict (probes.leaky_relu_fusion_is_sound); kept "
+    "so that predict stays right"
+)
+
+
+def _fuses_wrongly(graph, layer, owner):
+    """Whether a folded `layer`, with a bias, taking the place of `owner`'s output, would meet the bad fusion."""
+    if isinstance(layer, keras.layers.Dense) or probes.leaky_relu_fusion_is_sound():
+        return False
+    return any(
+        _is_add(consumer) and any(_is_leaky_relu(after) for after in graph.consumers(consumer))
+        for consumer in graph.consumers(owner)
+    )
+
+
+def _is_add(operation):
+    return isinstance(operation, keras.layers.Add) or type(operation).__name__ == "Add"  # the layer or keras.ops.add
+
+
+def _is_leaky_relu(operation):
+    if isinstance(operation, keras.layers.LeakyReLU) or type(operation).__name__ == "LeakyRelu":
+        return True
+    if isinstance(operation, keras.layers.ReLU):
+        return bool(operation.negative_slope)
+    return isinstance(operation, keras.layers.Activation) and operation.activation is keras.activations.leaky_relu
+
+
+def _bias_lands_on_the_wrong_axis(layer, shape):
+    """Whether `layer`'s bias would be added along the wrong axis.
+
+    See `probes.bias_add_is_sound`: where the backend guesses the layout of a
+    bias from the input's shape, a channels_first layer whose last spatial size
+    equals its channel count gets its bias on the last axis in eager calls
+    (`predict`'s compiled graph is right). The layer's own BatchNormalization
+    is not affected, so folding would change outputs exactly then.
+    """
+    if kinds.channel_axis(layer) != 1:
+        return False
+    if shape is None:
+        return True  # unknown: keep the BatchNormalization, to be safe
+    return shape[-1] == shape[1] and not probes.bias_add_is_sound()
+
+
+def activation_after(graph, bn):
+    """The `Activation` layer that alone takes `bn`'s output, to merge back.
+
+    With it merged into the linear layer's own `activation`, a folded unit is
+    exactly the layer a model without BatchNormalization would have.
+    """
+    consumers = graph.consumers(bn)
+    if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
+        return None
+    (activation,) = consumers
+    if not isinstance(activation, keras.layers.Activation):
+        return None
+    if graph.parents.get(id(activation)) is not graph.parents.get(id(bn)):
+        return None
+    return activation
