@@ -17,6 +17,14 @@ import bnseq
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
+# The files were written with Keras 3.15.1; an older Keras cannot read what 3.15 writes (Keras 3.14.0
+# refuses the GlorotUniform config's `input_axes`: measured on .ci/run's oldest-versions leg), whatever bnseq does.
+WRITTEN_BY = (3, 15)
+pytestmark = pytest.mark.skipif(
+    tuple(int(part) for part in keras.version().split(".")[:2]) < WRITTEN_BY,
+    reason="these files were saved by Keras 3.15.1, which an older Keras cannot read",
+)
+
 
 @pytest.fixture(scope="module")
 def expected():
