@@ -1,7 +1,7 @@
 """What bnseq tells the user: two warning categories, a `warn` that points at the user, and
 `first_line`, how an error from Keras or a runtime is quoted in one of bnseq's messages.
 
-Kept apart from `rules.py`, which decides on plain values and says nothing.
+Kept apart from `deciding/`, which decides on plain values and says nothing.
 """
 
 import os

@@ -1,6 +1,6 @@
 """What this backend, on this machine, can compute: each probed once per process.
 
-bnseq decides on plain values everywhere else (`rules.py`); the two facts here
+bnseq decides on plain values everywhere else (`deciding/`); the facts here
 depend on the Keras backend and the CPU, not on the model, so they are measured
 with a tiny computation instead of being assumed from a version number.
 

@@ -9,11 +9,9 @@ loads it in the runtime it is for (ONNX Runtime, the LiteRT interpreter,
 `tf.saved_model.load`, Keras), runs it on a sample, compares with the model,
 and only then moves it into place.
 
-The check pairs inputs and outputs by name, never by position: the model's
-input tensors' names are the artifact's input names in every format, and its
-outputs are `output_0`, `output_1`, ... (or the keys of a dict of outputs).
-A runtime lists them in an order of its own (LiteRT's interpreter lists a
-two-input model's inputs as `[b, a]`).
+The check pairs inputs and outputs by name, never by position (`checking.py`
+says how); `runtimes.py` writes and loads the artifact; `quantization.py`
+measures an int8 or float16 export against the float one.
 """
 
 import dataclasses
