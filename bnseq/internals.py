@@ -103,6 +103,31 @@ def nodes_restored(layers):
             del each._outbound_nodes[outbound:]
 
 
+@contextlib.contextmanager
+def call_context(training):
+    """Run code as inside a layer that Keras called with `training`: `False` as `predict`, `True` as `fit`.
+
+    Keras passes `training` down to every layer called inside another through a
+    call context kept in its global state (`"current_call_ctx"`, a
+    `keras.src.layers.layer.CallContext`); a layer called with no `training`
+    of its own takes the context's. No public API sets it without calling a
+    layer, and tracing calls `layer.call()`, not the layer. The context is
+    entered with no entry layer, so no inner layer's call clears it. Test:
+    tests/test_trace.py::test_traced_in_the_mode_keras_runs_not_the_signature_default.
+    """
+    from keras.src.backend.common import global_state
+    from keras.src.layers.layer import CallContext
+
+    previous = global_state.get_global_attribute("current_call_ctx")
+    context = CallContext(entry_layer=None)
+    context.set_value("training", training)
+    global_state.set_global_attribute("current_call_ctx", context)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("current_call_ctx", previous)
+
+
 def keras_mask(tensor):
     """The Keras mask `tensor` carries, or `None`.
 

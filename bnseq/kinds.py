@@ -45,6 +45,27 @@ ACTIVATION_LAYERS = (
     layers.Softmax,
 )
 
+# Nonlinearities written as operations rather than layers, by the class of the operation Keras
+# records in a functional graph: `keras.ops.silu(x)`, `keras.activations.gelu(x)` (which calls
+# the op) and `keras.activations.relu(x)` (an operation of keras.activations) are read as the
+# equivalent Activation layer is. keras-hub writes its activations this way.
+NONLINEAR_OPERATIONS = frozenset({
+    "ReLU", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Glu", "Silu", "Swish",
+    "HardSilu", "HardSwish", "Sigmoid", "HardSigmoid", "LogSigmoid", "Softplus", "Softsign",
+    "SparsePlus", "Squareplus", "Tanh", "HardTanh", "TanhShrink", "SoftShrink", "HardShrink",
+    "Softmax", "LogSoftmax", "Sparsemax", "Threshold", "Mish",
+})
+
+
+def is_nonlinear_operation(operation):
+    """Whether `operation` is one of Keras's own elementwise nonlinearities, written as an op (not a layer)."""
+    return (
+        not isinstance(operation, keras.Layer)
+        and is_keras_class(type(operation))
+        and type(operation).__name__ in NONLINEAR_OPERATIONS
+    )
+
+
 def is_linear(layer):
     """Whether bnseq can normalize `layer` (one of `LINEAR_LAYERS`)."""
     return isinstance(layer, LINEAR_LAYERS)
@@ -63,9 +84,13 @@ def is_nonlinearity(layer):
     """Whether `layer` ends in a nonlinear activation.
 
     True for an activation layer (`Activation` other than "linear", `ReLU`,
-    `LeakyReLU`, `PReLU`, `ELU`, `Softmax`) and for a linear layer whose own
-    activation is not the identity.
+    `LeakyReLU`, `PReLU`, `ELU`, `Softmax`), for a linear layer whose own
+    activation is not the identity, and for an activation written as an
+    operation (`keras.ops.relu(x)`, `keras.activations.silu(x)`:
+    `NONLINEAR_OPERATIONS`).
     """
+    if is_nonlinear_operation(layer):
+        return True
     if isinstance(layer, layers.Activation):
         return not is_identity(layer.activation)
     if isinstance(layer, ACTIVATION_LAYERS):

@@ -11,6 +11,11 @@ with a tiny computation instead of being assumed from a version number.
   fuses a convolution, its bias, an add and a LeakyReLU into one kernel that
   uses the LeakyRelu op's default slope (0.2) instead of the layer's: `predict`
   is wrong where the eager call is right.
+- `unchanged(*layers)`: not a probe of the machine but what every check
+  needs: run something on a user's model and leave every variable of it as
+  it was (weights, statistics, seeds, counters, recurrent states).
+- `largest_difference(expected, actual)`: the one measure every check
+  reports, in which a NaN or an infinity is never a zero difference.
 - `channels_first_runs()`: TensorFlow has CPU kernels for channels_first (NCHW)
   convolutions and pooling only through oneDNN, which it turns on by default
   only on CPUs with AVX-512 (keras-team/keras#23650). Elsewhere `model(x)`,
@@ -18,7 +23,9 @@ with a tiny computation instead of being assumed from a version number.
   XLA runs.
 """
 
+import contextlib
 import functools
+import math
 import os
 
 import keras
@@ -110,8 +117,14 @@ def infer(model, inputs, training=False):
 
     Called eagerly, except where `needs_xla(model)`: then the same call runs
     compiled by XLA (`tf.function(jit_compile=True)`), which has its own
-    channels_first kernels.
+    channels_first kernels. The model's variables are left as they were
+    (`unchanged`): a check runs it, nothing else.
     """
+    with unchanged(model):
+        return _infer(model, inputs, training)
+
+
+def _infer(model, inputs, training=False):
     if needs_xla(model):
         import tensorflow as tf
 
@@ -133,6 +146,82 @@ def random_inputs(model, batch_size=2, seed=0):
     ]
 
 
+class Changes:
+    """What `unchanged` put back: the paths of the variables that had changed (filled in on exit)."""
+
+    def __init__(self):
+        self.paths = []
+
+
+def state_of(*layers):
+    """Every variable a call of `layers` could change, once each.
+
+    `layer.variables` (weights, moving statistics, counters made with
+    `add_weight`, `SeedGenerator` states) and the carried states of stateful
+    recurrent layers, which Keras keeps outside `variables` (`RNN.states`).
+    """
+    found = {}
+    for layer in layers:
+        for variable in layer.variables:
+            found.setdefault(id(variable), variable)
+        for each in [layer, *internals.inner_layers(layer)]:
+            if isinstance(each, keras.layers.RNN) and getattr(each, "states", None) is not None:
+                for variable in keras.tree.flatten(each.states):
+                    if isinstance(variable, keras.Variable):
+                        found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
+def _value(variable):
+    return np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
+
+
+@contextlib.contextmanager
+def unchanged(*layers, keep=()):
+    """Leave every variable of `layers` (see `state_of`) as it was on entry, except those in `keep`.
+
+    Yields a `Changes`: on exit, the paths of the variables that had changed
+    and were put back. A check that runs the user's model (a `predict`, a
+    traced `call()` with a step counter, a stateful LSTM) so changes nothing.
+    """
+    keep = {id(variable) for variable in keep}
+    saved = [(variable, _value(variable)) for variable in state_of(*layers) if id(variable) not in keep]
+    changes = Changes()
+    try:
+        yield changes
+    finally:
+        for variable, value in saved:
+            now = _value(variable)
+            if now.shape != value.shape or not np.array_equal(now, value, equal_nan=now.dtype.kind == "f"):
+                changes.paths.append(variable.path)
+                variable.assign(value)
+
+
+def largest_difference(expected, actual):
+    """`(largest absolute difference, that over the largest absolute expected value)` over pairs of arrays.
+
+    Infinite when either side holds a NaN or an infinity anywhere: a check
+    cannot vouch for what it cannot compare (`max(0.0, nan)` is `0.0` in
+    Python, which made a NaN pass as "no difference").
+
+    Examples:
+        >>> largest_difference([np.array([1.0, 2.0])], [np.array([1.0, 2.5])])
+        (0.5, 0.25)
+        >>> largest_difference([np.array([1.0, 2.0])], [np.array([1.0, np.nan])])
+        (inf, inf)
+    """
+    largest = scale = 0.0
+    for want, got in zip(expected, actual):
+        want = np.asarray(want, np.float64)
+        got = np.asarray(got, np.float64).reshape(want.shape)
+        if not (np.all(np.isfinite(want)) and np.all(np.isfinite(got))):
+            return math.inf, math.inf
+        if want.size:
+            largest = max(largest, float(np.max(np.abs(want - got))))
+            scale = max(scale, float(np.max(np.abs(want))))
+    return largest, largest / scale if scale else largest
+
+
 def predicted(model, inputs, batch_size=None):
     """`model` on `inputs` as `predict` computes it, as NumPy.
 
@@ -140,13 +229,18 @@ def predicted(model, inputs, batch_size=None):
     TensorFlow's optimizer rewrites: `leaky_relu_fusion_is_sound`), or by XLA
     where `needs_xla(model)`. Equivalences bnseq reports are measured with
     this, not only with eager calls. `batch_size=None` runs all of `inputs`
-    as one batch.
+    as one batch. The model's variables are left as they were (`unchanged`).
     """
+    with unchanged(model):
+        return _predicted(model, inputs, batch_size)
+
+
+def _predicted(model, inputs, batch_size):
     count = len(keras.tree.flatten(inputs)[0])
     batch_size = batch_size or count
     if needs_xla(model):
         parts = [
-            infer(model, keras.tree.map_structure(lambda x, start=start: x[start : start + batch_size], inputs))
+            _infer(model, keras.tree.map_structure(lambda x, start=start: x[start : start + batch_size], inputs))
             for start in range(0, count, batch_size)
         ]
         return keras.tree.map_structure(lambda *each: np.concatenate(each), *parts)

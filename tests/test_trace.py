@@ -206,7 +206,7 @@ class OwnWeight(layers.Layer):
 @pytest.mark.parametrize(
     "block, reason",
     [
-        (Branching(name="b"), "its call() takes a different path when training than in inference"),
+        (Branching(name="b"), "its call() takes a different path under fit (training=True) than under predict"),
         (OwnWeight(name="w"), "its call() reads the weight 'w/kernel' directly in 'matmul"),
     ],
 )

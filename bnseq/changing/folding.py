@@ -10,7 +10,6 @@ weights, the BatchNormalization (and an Activation merged back) dropped, and
 import os
 
 import keras
-import numpy as np
 
 from bnseq import probes
 from bnseq.changing import rewrite
@@ -177,14 +176,12 @@ def probe_difference(model, folded, batch_size=2, seed=0):
     """
     probe = probes.random_inputs(model, batch_size, seed)
     probe = probe[0] if len(probe) == 1 else probe
-    difference = scale = 0.0
     # Both as predict runs them (compiled: TensorFlow's graph optimizer has bugs of its own, see
     # probes.leaky_relu_fusion_is_sound), and both eagerly: like with like, since a backend bug
-    # that both models meet alike (probes.bias_add_is_sound) is not the fold's doing.
+    # that both models meet alike (probes.bias_add_is_sound) is not the fold's doing. A NaN or an
+    # infinity on either side is an infinite difference.
+    expected, actual = [], []
     for run in (probes.predicted, probes.infer):
-        expected, actual = keras.tree.flatten(run(model, probe)), keras.tree.flatten(run(folded, probe))
-        for a, b in zip(expected, actual):
-            a, b = np.asarray(a), np.asarray(b).reshape(np.shape(a))
-            difference = max(difference, float(np.max(np.abs(a - b))))
-            scale = max(scale, float(np.max(np.abs(a))))
-    return difference, difference / scale if scale else difference
+        expected += keras.tree.flatten(run(model, probe))
+        actual += keras.tree.flatten(run(folded, probe))
+    return probes.largest_difference(expected, actual)

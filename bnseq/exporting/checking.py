@@ -12,6 +12,8 @@ import re
 import keras
 import numpy as np
 
+from bnseq import probes
+
 
 def check_onnx_names(model, expected):
     clashes = sorted(set(expected) & set(input_names(model)))
@@ -79,6 +81,13 @@ def flat_inputs(model, value, what):
             )
         if len(array) == 0:
             raise ValueError(f"The {what} for input '{name}' is empty.")
+        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+            rows = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+            raise ValueError(
+                f"The {what} for input '{name}' holds NaN or infinity (in {len(rows)} of {len(array)} examples, "
+                f"the first at index {rows[0]}), where no difference can be measured. Pass finite inputs: "
+                f"e.g. drop those rows with `x[np.isfinite(x).reshape(len(x), -1).all(axis=1)]`."
+            )
         flat.append(array.astype(dtype, copy=False))
     if len({len(array) for array in flat}) > 1:
         raise ValueError(
@@ -123,13 +132,9 @@ def matched_inputs(names, available, chosen):
 
 
 def difference(expected, actual):
-    max_abs = scale = 0.0
-    for name, a in expected.items():
-        a = np.asarray(a, np.float64)
-        b = np.asarray(actual[name], np.float64).reshape(np.shape(a))
-        max_abs = max(max_abs, float(np.max(np.abs(a - b))))
-        scale = max(scale, float(np.max(np.abs(a))))
-    return max_abs, max_abs / scale if scale else max_abs
+    """`(largest absolute, relative)` difference of two `{name: array}` (see `probes.largest_difference`)."""
+    names = list(expected)
+    return probes.largest_difference([expected[name] for name in names], [actual[name] for name in names])
 
 
 def weakness(expected):

@@ -449,6 +449,8 @@ class _Flattener:
         # A traced layer's calls belong to the model that holds the layer: they are inlined there.
         holder = parent if inline else model
         for operation, (call_args, call_kwargs), inputs, outputs in internals.calls_of(model):
+            if inline:  # the mode the trace was made in: a call in a graph runs in its caller's mode
+                call_kwargs = {key: value for key, value in call_kwargs.items() if key != "training"}
             results = self.call(
                 operation,
                 keras.tree.map_structure(ref_of, call_args),

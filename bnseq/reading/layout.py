@@ -23,8 +23,9 @@ The rule, by kind of operation:
 - `Permute` maps the axis; `Reshape` keeps it when the channel axis stays
   first or last with the same size; other reshaping operations (transposes,
   einsum, squeeze) give unknown;
-- merges and other Keras layers and operations whose output has the shape of
-  their inputs pass the axis on when every input of that shape agrees;
+- merges (layers or `keras.ops` calls: `add`, `multiply`, `concatenate`) and
+  other Keras layers and operations whose output has the shape of their
+  inputs pass the axis on when every input of that shape agrees;
 - a layer that is not Keras's own (a `Lambda`, a custom layer that was not
   traced) gives unknown: its `call` may move axes;
 - a model input: axis 1 at rank 2; at higher rank the last axis under
@@ -90,7 +91,7 @@ def transfer(operation, inputs, output_shape):
     if name in _REARRANGING or isinstance(operation, layers.Lambda) or not kinds.is_keras_class(type(operation)):
         return None
     same = [axis for axis, shape in inputs if shape is not None and tuple(shape) == tuple(output_shape)]
-    if isinstance(operation, layers.Concatenate):
+    if isinstance(operation, layers.Concatenate) or name == "Concatenate":  # the layer or keras.ops.concatenate
         same = [axis for axis, shape in inputs if shape is not None and len(shape) == rank]
     if not same or any(axis is None for axis in same) or len(set(same)) != 1:
         return None

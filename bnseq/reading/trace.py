@@ -18,17 +18,29 @@ line. The trace fails when the layer's `call()`:
 - raises on symbolic tensors (Python control flow on tensor values, a
   backend function such as `tf.nn.relu` on a Keras tensor, `call()` creating
   variables);
-- takes a different path with `training=True` than in inference (its Python
-  code branches on `training`; the two traces are compared);
+- takes a different path under `fit` than under `predict`. Each trace runs
+  in the mode Keras will call the layer in, never on its signature's
+  default: `training=False` as `predict` resolves it, `training=True` as
+  `fit` does (passed to `call()` and set in Keras's call context, which the
+  layers inside inherit), and the two must be the same graph, constants
+  included;
+- calls a layer inside with a `training` of its own that differs from the
+  mode (`self.bn(x, training=False)`): a graph runs every layer in its
+  caller's mode;
+- changes a variable as it runs (`self.steps.assign_add(1)`): a graph would
+  not hold the update (the variable is put back);
 - reads a weight or a tensor of its own directly instead of through a layer
   (it would be a constant of the graph, unsaved and untracked), or returns
   something not computed from its inputs (randomness drawn eagerly);
 - receives a Keras mask (a mask travels beside the graph, not in it);
-- computes, on a random input in inference, something other than the layer
-  itself (the last check, against anything the others miss).
+- computes, on a random input, something other than the layer itself, in
+  inference or in training (the last check, against anything the others
+  miss).
 
 Tracing leaves the layers as they were: the nodes Keras appends to each
-sublayer while tracing are removed again (see `internals.nodes_restored`).
+sublayer while tracing are removed again (see `internals.nodes_restored`),
+and every variable a trace or a check moved (a counter, moving statistics
+under `training=True`, a seed) is put back (`probes.unchanged`).
 
 Traces are kept per layer (weakly) and per input shapes, so that reading a
 model twice gives the same graph objects (and `recalibrate` compiles nothing
@@ -145,21 +157,22 @@ def _trace(layer, args, kwargs):
         return Trace(layer, None, "its input carries a Keras mask, which travels beside a graph, not in it")
     if not layer.built:
         return Trace(layer, None, "it is not built")
-    parameters = _parameters(layer)
-    if kwargs.get("training", False) is None:  # passed on as it came (a block forwarding its own)
-        kwargs = {key: value for key, value in kwargs.items() if key != "training"}
+    # A `training` given at the call is not what runs: a functional model passes its own caller's mode
+    # to every layer in it (keras-team/keras#20285), so the layer is traced in both modes instead.
+    kwargs = {key: value for key, value in kwargs.items() if key != "training"}
+    takes_training = "training" in _parameters(layer)
     try:
         known = {id(each) for each in internals.inner_layers(layer)}
-        model = _traced_model(layer, args, kwargs, training=None)
-        if "training" in parameters and "training" not in kwargs:
-            other = _traced_model(layer, args, kwargs, training=True)
-            if _signature(other, known) != _signature(model, known):
-                return Trace(layer, None, "its call() takes a different path when training than in inference")
+        model = _traced_model(layer, args, kwargs, training=False, takes_training=takes_training)
+        other = _traced_model(layer, args, kwargs, training=True, takes_training=takes_training)
+        if _signature(other, known) != _signature(model, known):
+            return Trace(layer, None, "its call() takes a different path under fit (training=True) than under predict")
     except _Untraceable as error:
         return Trace(layer, None, str(error))
-    reason = _differs(layer, args, kwargs, model)
-    if reason:
-        return Trace(layer, None, reason)
+    for training in (False, True):
+        reason = _differs(layer, args, kwargs, model, training)
+        if reason:
+            return Trace(layer, None, reason)
     return Trace(layer, model, "")
 
 
@@ -174,8 +187,8 @@ def _parameters(layer):
         return {}
 
 
-def _traced_model(layer, args, kwargs, training):
-    """The functional model `layer.call` builds on fresh inputs like `args` and `kwargs`."""
+def _traced_model(layer, args, kwargs, training, takes_training):
+    """The functional model `layer.call` builds on fresh inputs like `args` and `kwargs`, in one mode."""
     inputs = []
 
     def fresh(value):
@@ -189,14 +202,17 @@ def _traced_model(layer, args, kwargs, training):
         return tensor
 
     call_args, call_kwargs = keras.tree.map_structure(fresh, (tuple(args), dict(kwargs)))
-    if training is not None:
+    if takes_training:
         call_kwargs["training"] = training
     weights_before = len(layer.weights)
-    with internals.nodes_restored([layer, *internals.inner_layers(layer)]):
-        try:
-            outputs = layer.call(*call_args, **call_kwargs)
-        except Exception as error:  # anything call() raises on symbolic tensors
-            raise _Untraceable(f"its call() cannot run on symbolic tensors ({notices.first_line(error)})") from None
+    with internals.nodes_restored([layer, *internals.inner_layers(layer)]), probes.unchanged(layer) as changes:
+        with internals.call_context(training):
+            try:
+                outputs = layer.call(*call_args, **call_kwargs)
+            except Exception as error:  # anything call() raises on symbolic tensors
+                raise _Untraceable(
+                    f"its call() cannot run on symbolic tensors ({notices.first_line(error)})"
+                ) from None
         if len(layer.weights) != weights_before:
             raise _Untraceable("its call() creates weights")
         for leaf in keras.tree.flatten(outputs):
@@ -208,8 +224,24 @@ def _traced_model(layer, args, kwargs, training):
             model = keras.Model(inputs, outputs, name=f"{layer.name}_traced")
         except Exception as error:  # a graph Keras cannot hold: disconnected, duplicate names
             raise _Untraceable(f"its graph is not a functional model ({notices.first_line(error)})") from None
+    if changes.paths:
+        raise _Untraceable(
+            f"its call() changes the variable '{changes.paths[0]}' as it runs, an update a graph would not hold"
+        )
     _check_constants(model)
+    _check_modes(model, training)
     return model
+
+
+def _check_modes(model, training):
+    """Refuse a graph in which a layer was called with a `training` other than the mode traced."""
+    for operation, (_, kwargs), _, _ in internals.calls_of(model):
+        given = kwargs.get("training")
+        if isinstance(given, bool) and given != training:
+            raise _Untraceable(
+                f"its call() runs {kinds.describe(operation)} with training={given} whatever the mode, "
+                "where a graph would run it in its caller's mode"
+            )
 
 
 def _check_constants(model):
@@ -227,26 +259,34 @@ def _check_constants(model):
 
 
 def _signature(model, known):
-    """The operations of a traced model in order, and how they are wired.
+    """The operations of a traced model in order, how they are wired, and their constant arguments.
 
     `known`: ids of the layer's own sublayers, compared as objects; a layer
-    made inside `call()` (new at each trace) is compared by its class.
+    made inside `call()` (new at each trace) is compared by its class. The
+    `training` each call was given is left out: it is the mode traced.
     """
     position = {id(tensor): index for index, tensor in enumerate(model.inputs)}
     parts = []
-    for operation, _, inputs, outputs in internals.calls_of(model):
+    for operation, (args, kwargs), inputs, outputs in internals.calls_of(model):
         kind = id(operation) if id(operation) in known else type(operation).__name__
-        parts.append((kind, tuple(position.get(id(tensor), -1) for tensor in inputs)))
+        constants = keras.tree.map_structure(
+            lambda value: None if isinstance(value, keras.KerasTensor) else repr(value),
+            (args, {key: value for key, value in kwargs.items() if key != "training"}),
+        )
+        parts.append((kind, tuple(position.get(id(tensor), -1) for tensor in inputs), repr(constants)))
         for tensor in outputs:
             position[id(tensor)] = len(position)
     return parts
 
 
-def _differs(layer, args, kwargs, model):
+def _differs(layer, args, kwargs, model, training):
     """Why the trace does not compute what `layer` computes on a random input, or `""`.
 
-    Both run as `predict` runs them: inside a functional model called with
-    `training=False` (the layer as one node of its own), compiled. A bare
+    Both run as `predict` (`training=False`) or a step of `fit`
+    (`training=True`) runs them: inside a functional model called with
+    `training` (the layer as one node of its own), compiled, each from the
+    same variables (put back after each run: in training, BatchNormalization
+    moves its statistics and a `Dropout` its seed). A bare
     eager call would not do: Keras passes `training` down through its call
     context, and a layer created inside `call()` with a `training=True`
     default (keras-hub's SpatialPyramidPooling makes a `Resizing`) sets it for
@@ -275,8 +315,10 @@ def _differs(layer, args, kwargs, model):
                 (tuple(args), dict(kwargs)),
             )
             original = keras.Model(inputs, layer(*call_args, **call_kwargs))
-        expected = _run(layer, functools.partial(_call, original, (values,), {"training": False}))
-        actual = _run(layer, functools.partial(_call, model, (values,), {"training": False}))
+        with probes.unchanged(layer):
+            expected = _run(layer, functools.partial(_call, original, (values,), {"training": training}))
+        with probes.unchanged(layer):
+            actual = _run(layer, functools.partial(_call, model, (values,), {"training": training}))
     except Exception as error:  # the random input does not suit the layer: the trace is unchecked
         return f"its trace could not be checked on a random input ({notices.first_line(error)})"
     expected, actual = keras.tree.flatten(expected), keras.tree.flatten(actual)
@@ -287,10 +329,11 @@ def _differs(layer, args, kwargs, model):
             return "its trace returns a different shape than its call()"
         scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
         difference = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
-        if not difference / scale <= TOLERANCE:
+        if not difference / scale <= TOLERANCE:  # NaN counts as different
+            mode = "training" if training else "inference"
             return (
-                f"its trace computes differently from its call() on a random input (relative difference "
-                f"{difference / scale:.2g})"
+                f"its trace computes differently from its call() on a random input in {mode} (relative "
+                f"difference {difference / scale:.2g})"
             )
     return ""
 

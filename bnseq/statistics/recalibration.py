@@ -181,17 +181,21 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
         for layer in layers:
             stats[id(layer)].assign_to(layer)
 
+    # Running the data moves what else the model carries (a stateful LSTM's states, a counter in a
+    # call(), seed generators): all of it is put back; only the statistics set here stay.
+    statistics = [variable for layer in in_order for variable in (layer.moving_mean, layer.moving_variance)]
     try:
-        measured = segments.measure(
-            model,
-            batches,
-            in_order,
-            flat=flat,
-            on_level=set_level,
-            cache_limit=cache_limit,
-            progress=progress,
-            processes=processes,
-        )
+        with probes.unchanged(model, keep=statistics):
+            measured = segments.measure(
+                model,
+                batches,
+                in_order,
+                flat=flat,
+                on_level=set_level,
+                cache_limit=cache_limit,
+                progress=progress,
+                processes=processes,
+            )
     except BaseException:
         for layer in in_order:  # a failed call leaves the model as it was
             layer.moving_mean.assign(before[id(layer)][0])

@@ -1,0 +1,307 @@
+"""Reading a model exactly as Keras runs it, and changing nothing by reading it.
+
+Each test is one case a hostile new user reproduced (the numbers in the
+docstrings are what bnseq 0.5 did). Oracles: `predict` of the model itself,
+and every variable of the source compared bit for bit before and after.
+"""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import bnseq
+from bnseq import probes
+from tests.test_fold import randomize_statistics
+
+
+def variables_of(model):
+    """Every variable a call could change, as NumPy copies, by path (RNN states included)."""
+    return {variable.path + f"#{index}": np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
+            for index, variable in enumerate(probes.state_of(model))}
+
+
+def assert_unchanged(model, before):
+    after = variables_of(model)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert np.array_equal(after[key], value), key
+
+
+def relative_error(model, other, x):
+    expected = keras.tree.flatten(model.predict(x, verbose=0))
+    actual = keras.tree.flatten(other.predict(x, verbose=0))
+    return max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(expected, actual))
+
+
+# 1. The branch Keras runs, not the signature's default -----------------------------
+
+
+class ModeBranches(layers.Layer):
+    """One BatchNormalization when training, another in inference, with `training=True` as the default."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, use_bias=False)
+        self.bn_train = layers.BatchNormalization()
+        self.bn_infer = layers.BatchNormalization()
+
+    def call(self, x, training=True):
+        y = self.dense(x)
+        return self.bn_train(y) if training else self.bn_infer(y)
+
+
+class DefaultTrue(layers.Layer):
+    """The same path in both modes, but a signature default of `training=True`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, use_bias=False)
+        self.bn = layers.BatchNormalization()
+
+    def call(self, x, training=True):
+        return keras.ops.relu(self.bn(self.dense(x), training=training))
+
+
+def _model_of(block, shape=(3,)):
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, layers.Dense(2)(block(inputs)))
+    x = np.zeros((2, *shape), "float32")
+    model(x, training=True), model(x, training=False)  # both branches built
+    randomize_statistics(model)
+    return model
+
+
+def test_a_block_that_branches_on_training_is_not_folded_on_its_default():
+    """0.5 traced the `training=True` default, lint cached it, and fold folded the training branch: 0.80 off."""
+    model = _model_of(ModeBranches())
+    x = np.random.default_rng(0).standard_normal((16, 3)).astype("float32")
+    bnseq.lint(model)  # the cache of 0.5 kept this trace
+    report = bnseq.fold_report(model)
+    assert [decision.folded for decision in report] == [False, False]
+    assert all("different path under fit" in decision.reason for decision in report)
+    folded = bnseq.fold(model)
+    assert relative_error(model, folded, x) < 1e-5
+
+
+def test_traced_in_the_mode_keras_runs_not_the_signature_default():
+    """A block with a `training=True` default traces, and folds exactly under predict (its BN in inference)."""
+    model = _model_of(DefaultTrue())
+    x = np.random.default_rng(1).standard_normal((16, 3)).astype("float32")
+    report = bnseq.fold_report(model)
+    assert [decision.folded for decision in report] == [True]
+    folded = bnseq.fold(model)
+    assert relative_error(model, folded, x) < 1e-5
+    # The inlined calls carry no `training` of the trace's own: a rebuilt model runs in its caller's mode.
+    rebuilt = bnseq.batch_normalize(model, data=x)
+    assert relative_error(model, rebuilt, x) < 1e-4
+    for layer in rebuilt.layers:
+        for node in layer._inbound_nodes:
+            assert "training" not in node.arguments.kwargs, layer.name
+
+
+class HardcodedInference(layers.Layer):
+    """Keeps its BatchNormalization in inference whatever the mode: a graph could not."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, use_bias=False)
+        self.bn = layers.BatchNormalization()
+
+    def call(self, x):
+        return self.bn(self.dense(x), training=False)
+
+
+def test_a_layer_called_with_a_fixed_training_is_not_inlined():
+    model = _model_of(HardcodedInference())
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded
+    assert "with training=False whatever the mode" in decision.reason
+
+
+class ScaledWhenTraining(layers.Layer):
+    """The same layers in both modes, a different constant: only the constants tell the paths apart."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, use_bias=False)
+        self.bn = layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return keras.ops.multiply(self.bn(self.dense(x)), 2.0 if training else 1.0)
+
+
+def test_paths_that_differ_only_in_a_constant_are_told_apart():
+    (decision,) = bnseq.fold_report(_model_of(ScaledWhenTraining()))
+    assert not decision.folded and "different path under fit" in decision.reason
+
+
+# 2. Reading changes nothing ---------------------------------------------------------
+
+
+class Counting(layers.Layer):
+    """Counts its calls in a variable, and lets the count change what it computes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, use_bias=False)
+        self.bn = layers.BatchNormalization()
+
+    def build(self, input_shape):
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
+        super().build(input_shape)
+
+    def call(self, x):
+        self.calls.assign_add(1.0)
+        return self.bn(self.dense(x)) * (1.0 + 0.01 * self.calls)
+
+
+def test_reading_a_block_with_a_step_counter_changes_nothing():
+    """0.5's lint ran the block eagerly and bumped the user's counter: predictions 9% off afterwards."""
+    model = _model_of(Counting())
+    before = variables_of(model)
+    findings = bnseq.lint(model)
+    assert [finding.code for finding in findings] == ["BN000"]
+    assert "changes the variable" in findings[0].message
+    bnseq.fold_report(model)
+    folded = bnseq.fold(model)  # keeps the block as it is: nothing to fold that bnseq can see
+    assert_unchanged(model, before)
+    assert not any(decision.folded for decision in bnseq.fold_report(model))
+    assert folded is not None
+
+
+def test_trace_checks_in_training_leave_statistics_and_seeds_alone():
+    """Tracing checks the block under training=True too; its moving statistics and dropout seed stay."""
+
+    class WithDropout(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(4, use_bias=False)
+            self.bn = layers.BatchNormalization()
+            self.dropout = layers.Dropout(0.5)
+
+        def call(self, x, training=None):
+            return self.dropout(self.bn(self.dense(x)), training=training)
+
+    model = _model_of(WithDropout())
+    before = variables_of(model)
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded, decision
+    assert_unchanged(model, before)
+
+
+# 3. NaN is never a zero difference ------------------------------------------------
+
+
+def test_largest_difference_counts_nan_and_infinity():
+    assert probes.largest_difference([np.zeros(3)], [np.array([0.0, np.nan, 0.0])])[0] == np.inf
+    assert probes.largest_difference([np.array([np.inf])], [np.array([np.inf])])[0] == np.inf
+    assert probes.largest_difference([np.ones(2)], [np.ones(2)]) == (0.0, 0.0)
+
+
+def test_export_refuses_a_sample_with_nan_naming_the_input(tmp_path):
+    """0.5 computed max(0.0, nan) == 0.0: one NaN in the sample made any artifact pass."""
+    model = bnseq.Sequential([keras.Input((4,), name="features"), layers.Dense(3)], batch_norm=True)
+    sample = np.random.default_rng(3).standard_normal((6, 4)).astype("float32")
+    sample[4, 1] = np.nan
+    path = tmp_path / "m.keras"
+    message = r"'features' holds NaN or infinity \(in 1 of 6 examples, the first at index 4"
+    with pytest.raises(ValueError, match=message):
+        bnseq.export(model, path, sample=sample)
+    assert not path.exists()
+
+
+def test_export_check_fails_when_the_model_itself_gives_nan(tmp_path):
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.ops.log(inputs))  # log of a negative input: NaN
+    sample = np.array([[1.0, 2.0], [-1.0, 3.0]], "float32")
+    with pytest.raises(bnseq.ToleranceError) as caught:
+        bnseq.export(model, tmp_path / "m.keras", sample=sample)
+    assert caught.value.report.max_abs == np.inf
+
+
+# 4. recalibrate leaves recurrent state where it was ------------------------------------
+
+
+@pytest.mark.parametrize("kind", [layers.LSTM, layers.GRU])
+def test_recalibrate_puts_stateful_recurrent_states_back(kind):
+    """0.5 ran the data through a stateful LSTM/GRU and left its carried states overwritten."""
+    rng = np.random.default_rng(4)
+    model = keras.Sequential([
+        keras.Input(batch_shape=(4, 5, 3)),
+        kind(6, stateful=True, return_sequences=True),
+        layers.Dense(4, use_bias=False),
+        layers.BatchNormalization(),
+    ])
+    model.predict(rng.standard_normal((4, 5, 3)).astype("float32"), batch_size=4, verbose=0)  # states set
+    (states_layer,) = [layer for layer in model.layers if isinstance(layer, kind)]
+    states = [np.array(keras.ops.convert_to_numpy(each)) for each in states_layer.states]
+    assert any(np.any(each) for each in states)
+    x = rng.standard_normal((16, 5, 3)).astype("float32")
+    report = bnseq.recalibrate(model, x, batch_size=4)
+    assert report[0].samples == 16 * 5
+    for before, after in zip(states, states_layer.states):
+        assert np.array_equal(before, keras.ops.convert_to_numpy(after))
+    bn = model.layers[-1]
+    assert not np.allclose(keras.ops.convert_to_numpy(bn.moving_mean), 0.0)  # the statistics were set
+
+
+# 5. Activations written as operations ------------------------------------------------
+
+OPERATION_ACTIVATIONS = {
+    "keras.activations.relu": keras.activations.relu,
+    "keras.ops.silu": keras.ops.silu,
+    "keras.activations.gelu": keras.activations.gelu,
+    "keras.ops.sigmoid": keras.ops.sigmoid,
+    "keras.ops.tanh": keras.ops.tanh,
+    "leaky_relu": functools.partial(keras.activations.leaky_relu, negative_slope=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPERATION_ACTIVATIONS))
+def test_lint_sees_an_activation_written_as_an_operation(name):
+    """0.5 said nothing about a BatchNormalization after `keras.ops.silu(x)`."""
+    inputs = keras.Input((4,))
+    hidden = OPERATION_ACTIVATIONS[name](layers.Dense(3, use_bias=False, name="d")(inputs))
+    model = keras.Model(inputs, layers.BatchNormalization(name="bn")(hidden))
+    findings = bnseq.lint(model)
+    assert [(finding.code, finding.layer) for finding in findings] == [("BN002", "bn")]
+    assert "comes after the nonlinearity of" in findings[0].message
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded and "which is not a linear layer" in decision.reason
+
+
+class OpsActivation(layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv1D(4, 3, use_bias=False, padding="same")
+        self.bn = layers.BatchNormalization()
+
+    def call(self, x):
+        return self.bn(keras.ops.gelu(self.conv(x)))
+
+
+def test_lint_sees_an_operation_activation_inside_a_traced_block():
+    model = _model_of(OpsActivation(), shape=(6, 2))
+    findings = bnseq.lint(model)
+    assert [finding.code for finding in findings] == ["BN002"]
+
+
+def test_an_ordinary_operation_before_a_batch_norm_is_no_finding():
+    inputs = keras.Input((4,))
+    hidden = keras.ops.multiply(layers.Dense(3, use_bias=False)(inputs), 2.0)
+    model = keras.Model(inputs, layers.BatchNormalization()(hidden))
+    assert bnseq.lint(model) == []
+
+
+def test_bn003_through_an_ops_concatenate_of_channels_first_convolutions():
+    inputs = keras.Input((2, 6, 6))
+    left = layers.Conv2D(3, 1, use_bias=False, data_format="channels_first")(inputs)
+    right = layers.Conv2D(3, 1, use_bias=False, data_format="channels_first")(inputs)
+    merged = keras.ops.concatenate([left, right], axis=1)
+    model = keras.Model(inputs, layers.BatchNormalization(name="bn")(merged))
+    findings = bnseq.lint(model)
+    assert [(finding.code, finding.layer) for finding in findings] == [("BN003", "bn")]
+    assert "axis=1" in findings[0].message
