@@ -1,5 +1,7 @@
 """`bnseq.callbacks`: exact BatchNormalization statistics while `fit` trains."""
 
+import collections.abc
+
 import keras
 
 from bnseq.statistics import data as data_module
@@ -33,7 +35,11 @@ class Recalibrate(keras.callbacks.Callback):
     Args:
         data: what `bnseq.recalibrate` takes: arrays, a `tf.data.Dataset`,
             a `keras.utils.PyDataset` or an iterable of batches; usually
-            (a sample of) the training inputs, without augmentation.
+            (a sample of) the training inputs, without augmentation. It is
+            read at every recalibration, so a generator (or any one-shot
+            iterator, used up by the first) is refused unless `steps` is
+            given: then its first `steps` batches are read once, here, and
+            used every time.
         batch_size: int, optional. For arrays: the batch size (default 32).
         steps: int, optional. Use only the first `steps` batches of `data`.
         frequency: `"epoch"` or int. `"epoch"` recalibrates after every
@@ -62,6 +68,16 @@ class Recalibrate(keras.callbacks.Callback):
     def __init__(self, data, *, batch_size=None, steps=None, frequency="epoch", cache_limit="auto"):
         super().__init__()
         data_module.check_batching(batch_size, steps)
+        data_module.check_data(data)
+        if isinstance(data, collections.abc.Iterator):
+            if steps is None:
+                raise TypeError(
+                    f"Recalibrate reads its data at every epoch, and a {type(data).__name__} is used up by the "
+                    "first. Pass data that can be read again (arrays, a tf.data.Dataset, a "
+                    "keras.utils.PyDataset, a list of batches), or steps=N to read N batches from it now and "
+                    f"use them at every recalibration. Received: data={data!r}"
+                )
+            data = data_module.batches_of(data, batch_size, steps)
         if frequency != "epoch" and (
             isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
         ):

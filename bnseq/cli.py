@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import stat
 import sys
 import tempfile
 
@@ -245,22 +246,35 @@ def _load(args, *, keras_output=True):
 def _save(model, path):
     """`model.save(path)` through a temporary file in the same folder (made if missing), then moved into place.
 
-    A save that fails halfway leaves `path` as it was.
+    A save that fails halfway leaves `path` as it was. The file gets the mode
+    a plain `open(path, "w")` would give it: an existing file's own, else what
+    the umask allows (a temporary file is made private, 0600).
     """
     problem = _unwritable(path)
     if problem:
         raise _Failure(f"cannot write '{path}': {problem}")
     folder, name = os.path.split(os.path.abspath(path))
-    handle, staged = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.keras", dir=folder)
-    os.close(handle)
+    staged = None
     try:
+        handle, staged = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.keras", dir=folder)
+        os.close(handle)
         model.save(staged)
+        os.chmod(staged, _mode_for(path))
         os.replace(staged, path)
     except (OSError, ValueError) as error:
         raise _Failure(f"cannot write '{path}': {first_line(error)}") from None
     finally:
-        if os.path.exists(staged):
+        if staged is not None and os.path.exists(staged):
             os.remove(staged)
+
+
+def _mode_for(path):
+    """The permission bits `open(path, "w")` would leave: the file's own if it exists, else 0666 less the umask."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _lint(paths, output_format, safe_mode):

@@ -1,5 +1,6 @@
 """The `bnseq` command line."""
 
+import os
 import subprocess
 import sys
 
@@ -222,6 +223,38 @@ def test_lint_console_script_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"bnseq: error: No such file: '{tmp_path / 'nope.keras'}'"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_s_mode_and_an_existing_file_keeps_its_own(trained_file, tmp_path, umask):
+    """0.5 wrote fold and recalibrate outputs 0600, the mode of the temporary file moved into place."""
+    import os
+    import stat
+
+    out = tmp_path / "out.keras"
+    previous = os.umask(umask)
+    try:
+        assert cli.main(["fold", str(trained_file), str(out)]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    out.chmod(0o640)
+    assert cli.main(["fold", str(trained_file), str(out)]) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+def test_an_output_where_no_file_can_be_made_exits_2_with_one_line(trained_file, capsys, monkeypatch):
+    """0.5 made its temporary file outside the `try`: a traceback and exit status 1."""
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    folder = os.path.dirname(str(trained_file))
+    assert cli.main(["fold", str(trained_file), os.path.join(folder, "out.keras")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "Permission denied" in err
 
 
 def _write(path, data):

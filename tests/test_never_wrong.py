@@ -305,3 +305,77 @@ def test_bn003_through_an_ops_concatenate_of_channels_first_convolutions():
     findings = bnseq.lint(model)
     assert [(finding.code, finding.layer) for finding in findings] == [("BN003", "bn")]
     assert "axis=1" in findings[0].message
+
+
+# 11. recalibrate's data: a list of batches, a path, nothing ------------------------------
+
+
+def _dense_model(inputs=1):
+    tensors = [keras.Input((3,), name=f"in{index}") for index in range(inputs)]
+    merged = tensors[0] if inputs == 1 else layers.Concatenate()(tensors)
+    return bnseq.Sequential([keras.Input((3,)), layers.Dense(4, name="d")], batch_norm=True) if inputs == 1 else (
+        keras.Model(tensors, layers.BatchNormalization(name="bn")(layers.Dense(4, use_bias=False)(merged)))
+    )
+
+
+def test_recalibrate_takes_a_python_list_of_batches():
+    """0.5 read a list of batches as a list of inputs: "takes 1 input(s), but a batch of the data holds 2"."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(1.0, 2.0, size=(30, 3)).astype("float32")
+    model = _dense_model()
+    whole = bnseq.recalibrate(model, x, batch_size=10, verbose=0)
+    mean = keras.ops.convert_to_numpy(model.layers[-1].moving_mean).copy()
+    listed = bnseq.recalibrate(model, [x[:10], x[10:20], x[20:]], verbose=0)
+    assert whole[0].samples == listed[0].samples == 30
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.layers[-1].moving_mean), mean, rtol=1e-6)
+    # (x, y) pairs, as a list of training batches often is
+    pairs = bnseq.recalibrate(model, [(x[:15], None), (x[15:], None)], verbose=0)
+    assert pairs[0].samples == 30
+
+
+def test_a_list_with_one_array_per_input_is_still_the_inputs():
+    rng = np.random.default_rng(6)
+    model = _dense_model(inputs=2)
+    a, b = (rng.standard_normal((12, 3)).astype("float32") for _ in range(2))
+    report = bnseq.recalibrate(model, [a, b], batch_size=4, verbose=0)
+    assert report[0].samples == 12
+    batches = bnseq.recalibrate(model, [[a[:6], b[:6]], [a[6:], b[6:]]], verbose=0)
+    assert batches[0].samples == 12
+
+
+@pytest.mark.parametrize("data, error, message", [
+    ("x.npy", TypeError, r"takes the data itself, not a path: load it first, e.g. `np.load\('x.npy'\)`"),
+    (None, ValueError, r"recalibrate needs data: .* Received: data=None"),
+])
+def test_recalibrate_refuses_a_path_or_nothing_and_leaves_the_model(data, error, message):
+    model = _dense_model()
+    before = variables_of(model)
+    with pytest.raises(error, match=message):
+        bnseq.recalibrate(model, data)
+    assert_unchanged(model, before)
+
+
+# 8. The callback and one-shot iterators -------------------------------------------------
+
+
+def _batches(x, size):
+    for start in range(0, len(x), size):
+        yield x[start : start + size]
+
+
+def test_recalibrate_callback_refuses_a_generator_it_would_use_up():
+    """0.5 used the generator up in the first epoch; the second epoch's fit crashed."""
+    x = np.random.default_rng(7).standard_normal((20, 3)).astype("float32")
+    with pytest.raises(TypeError, match=r"a generator is used up by the first\. .* or steps=N"):
+        bnseq.callbacks.Recalibrate(_batches(x, 5))
+
+
+def test_recalibrate_callback_reads_a_generator_once_with_steps():
+    rng = np.random.default_rng(8)
+    x = rng.normal(3.0, 2.0, size=(40, 3)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    model = _dense_model()
+    model.compile(optimizer="sgd", loss="mse")
+    callback = bnseq.callbacks.Recalibrate(_batches(x, 10), steps=2)
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    assert [report[0].samples for _, report in callback.reports] == [20, 20, 20]  # each epoch; none left at the end

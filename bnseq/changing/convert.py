@@ -129,7 +129,7 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
     graph = graph_module.walk(model)
     plan, finish = _plan(graph, options, batch_norm, keep=data is not None, model_name=model.name)
     result = rewrite.apply(model, plan, graph.flat)
-    finish(result, data_module.batches_of(data, batch_size, steps) if data is not None else None)
+    finish(result, data_module.batches_of(data, batch_size, steps, model) if data is not None else None)
     return result
 
 

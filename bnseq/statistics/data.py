@@ -1,6 +1,7 @@
 """Data as `predict` takes it: its batches, and a batch as a model's input tensors."""
 
 import itertools
+import os
 
 import keras
 import numpy as np
@@ -8,18 +9,68 @@ import numpy as np
 from bnseq import internals
 
 
-def batches_of(data, batch_size, steps):
-    """The batches of `x` in `data`, as a list (at most `steps` of them read, then computed on step by step)."""
+def batches_of(data, batch_size, steps, model=None):
+    """The batches of `x` in `data`, as a list (at most `steps` of them read, then computed on step by step).
+
+    `data` is what `predict` takes, and also a Python list of batches. A list
+    of arrays is the model's inputs (one per input, as `predict` reads it)
+    when `model` takes that many inputs of those ranks, and a list of batches
+    when each item fits the model's inputs instead.
+    """
     check_batching(batch_size, steps)
+    check_data(data)
     if isinstance(data, keras.utils.PyDataset):
         count = len(data) if steps is None else min(steps, len(data))
         return [_x_of(data[index]) for index in range(count)]
-    if _is_arrays(data):
+    if _is_arrays(data) and not _is_a_list_of_batches(data, model):
         return _array_batches(data, batch_size or 32, steps)
     if hasattr(data, "as_numpy_iterator"):  # a tf.data.Dataset
         data = data.as_numpy_iterator()
     # islice reads no further than `steps`: an endless generator is fine, as with predict(steps=).
     return [_x_of(batch) for batch in itertools.islice(data, steps)]
+
+
+def check_data(data):
+    """Refuse what is not data at all (nothing, a path, a string) with what to pass instead."""
+    if data is None:
+        raise ValueError(
+            "recalibrate needs data: the model's inputs as predict takes them (an array, a list or dict of "
+            "arrays, a tf.data.Dataset, a keras.utils.PyDataset or a generator of batches). Received: data=None"
+        )
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"recalibrate takes the data itself, not a path: load it first, e.g. `np.load({os.fspath(data)!r})` "
+            f"(on the command line, `bnseq recalibrate --data FILE.npy`). Received: data={data!r}"
+        )
+
+
+def _is_a_list_of_batches(data, model):
+    """Whether a list of arrays holds batches of `model`'s inputs, not one array per input.
+
+    Told by the model's input count and ranks; `False` where the model's
+    inputs are not known (then a list is the inputs, as for `predict`).
+    """
+    if not isinstance(data, list):
+        return False
+    try:
+        inputs = list(model.inputs) if model is not None else None
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        return False
+
+    def fits(item):  # one batch: as many arrays as the model has inputs, each of its input's rank
+        item = _x_of(item)
+        leaves = keras.tree.flatten(item) if isinstance(item, (list, tuple, dict)) else [item]
+        return len(leaves) == len(inputs) and all(
+            len(np.shape(leaf)) == len(tensor.shape) for leaf, tensor in zip(leaves, inputs)
+        )
+
+    if len(data) == len(inputs) and all(
+        hasattr(each, "shape") and len(each.shape) == len(tensor.shape) for each, tensor in zip(data, inputs)
+    ):
+        return False  # one array per input, as predict reads a list
+    return all(fits(item) for item in data)
 
 
 def check_batching(batch_size, steps):

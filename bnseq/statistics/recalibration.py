@@ -124,6 +124,10 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             several inputs), a `tf.data.Dataset` of `x` or `(x, y[, w])`
             batches, a `keras.utils.PyDataset`, or a Python iterable of
             batches (all read into memory first; with `steps`, only those).
+            A list of arrays is one array per input when the model has that
+            many inputs of those ranks (as `predict` reads it), and a list of
+            batches when each item fits the model's inputs. A path is
+            refused: load the file first (`np.load`).
             Where a BatchNormalization's input carries a Keras mask (after
             `Embedding(mask_zero=True)` or `Masking`), only the positions the
             mask keeps are counted, as Keras's own layer computes its batch
@@ -166,7 +170,7 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
     processes = collective.processes_of(model)
     with collective.failures_shared(processes):  # the other processes are told, and stop too
         segments.check_cache_limit(cache_limit)
-        batches = data_module.batches_of(data, batch_size, steps)
+        batches = data_module.batches_of(data, batch_size, steps, model)
         if not batches:
             raise ValueError(f"recalibrate needs data with at least one batch. Received: data={data!r}")
         if not model.built:  # as predict does: the first batch builds it
