@@ -5,7 +5,9 @@ docstrings are what bnseq 0.5 did). Oracles: `predict` of the model itself,
 and every variable of the source compared bit for bit before and after.
 """
 
+import contextlib
 import functools
+import warnings
 
 import keras
 import numpy as np
@@ -379,3 +381,31 @@ def test_recalibrate_callback_reads_a_generator_once_with_steps():
     callback = bnseq.callbacks.Recalibrate(_batches(x, 10), steps=2)
     model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
     assert [report[0].samples for _, report in callback.reports] == [20, 20, 20]  # each epoch; none left at the end
+
+
+# 7. Export with input names the runtimes rewrite ---------------------------------------
+
+
+@pytest.mark.parametrize("name, suffix", [
+    ("image:0", ".onnx"), ("image:0", ".tflite"), ("image:0", ""), ("image input", ".tflite"), ("x-1", ""),
+])
+def test_export_matches_input_names_the_runtimes_rewrite(tmp_path, name, suffix):
+    """0.5: "inputs (image:0, meta) cannot be matched with the model's (image:0, meta)"."""
+    pytest.importorskip({".onnx": "onnxruntime", ".tflite": "ai_edge_litert"}.get(suffix, "tensorflow"))
+    a, b = keras.Input((4,), name=name), keras.Input((2,), name="meta")
+    hidden = layers.Concatenate()([layers.Dense(3)(a), layers.Dense(3)(b)])
+    model = keras.Model([a, b], layers.Dense(2)(hidden))
+    rng = np.random.default_rng(9)
+    sample = [rng.standard_normal((5, 4)).astype("float32"), 10 * rng.standard_normal((5, 2)).astype("float32")]
+    path = tmp_path / f"model{suffix or '_saved'}"
+    renamed = suffix != ".onnx" and name != "x-1"  # a TensorFlow signature cannot hold ":" or " "
+    with pytest.warns(UserWarning, match=f"cannot hold the input name '{name}'") if renamed else _no_warning():
+        report = bnseq.export(model, path, sample=sample)
+    assert report.max_rel < 1e-5  # a swap of the two inputs would be far off: they differ in shape and scale
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield

@@ -12,6 +12,7 @@ import re
 import keras
 import numpy as np
 
+from bnseq import internals
 from bnseq import probes
 
 
@@ -22,6 +23,43 @@ def check_onnx_names(model, expected):
             f"The model has an output and an input both named {clashes[0]!r}, which Keras's ONNX exporter "
             "(tf2onnx) cannot write ('graph input not exist'). Rename the output's key or the keras.Input."
         )
+
+
+# What a TensorFlow signature (LiteRT, SavedModel) takes as an argument name.
+_SIGNATURE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-]*$")
+
+
+def with_signature_names(model, chosen):
+    """`model`, or a model around it whose inputs have names a TensorFlow signature can hold.
+
+    Keras's LiteRT and SavedModel exporters write a signature with one
+    argument per input, named after it, and TensorFlow refuses names with
+    `:` or a space ("non-unique argument names"): those inputs are renamed
+    as the runtimes rewrite such characters (`image:0` becomes `image`,
+    `image input` becomes `image_input`), and `matched_inputs` pairs them
+    back. Returns `(model, {old: new})`.
+    """
+    if chosen not in ("litert", "tf_saved_model"):
+        return model, {}
+    renamed = {name: _mangled(name) for name in input_names(model) if not _SIGNATURE_NAME.match(name)}
+    if not renamed:
+        return model, {}
+    taken = set(input_names(model))
+    for old, new in renamed.items():
+        if new in taken:
+            raise ValueError(
+                f"The model's input '{old}' cannot be a {chosen} signature argument, and its plain form '{new}' "
+                "is another input's name. Rename the keras.Input."
+            )
+        taken.add(new)
+    inputs = [
+        keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=renamed.get(tensor.name, tensor.name))
+        for tensor in model.inputs
+    ]
+    structure = keras.tree.pack_sequence_as(_input_structure(model), inputs)
+    with internals.nodes_restored([model]):
+        wrapper = keras.Model(structure, model(structure), name=model.name)
+    return wrapper, renamed
 
 
 def input_names(model):
@@ -119,16 +157,33 @@ def paired(expected, produced, chosen):
 
 
 def matched_inputs(names, available, chosen):
-    """`{model input name: runtime input name}`."""
-    plain = {re.sub(r":\d+$", "", name): name for name in available}
-    if set(names) <= set(plain):
-        return {name: plain[name] for name in names}
+    """`{model input name: runtime input name}`.
+
+    By the name itself first (ONNX keeps `image:0` as it is), then with a
+    runtime's `:0` suffix dropped, then as runtimes rewrite characters they
+    do not keep (a SavedModel signature makes `x-1` into `x_1`: any character
+    other than a letter, a digit or `_` becomes `_`).
+    """
+    for key in (lambda name: name, _without_suffix, _mangled):
+        table = {}
+        for name in available:
+            table.setdefault(key(name), []).append(name)
+        if all(len(table.get(key(name), ())) == 1 for name in names):
+            return {name: table[key(name)][0] for name in names}
     if len(names) == len(available) == 1:
         return {names[0]: available[0]}
     raise ValueError(
         f"The {chosen} artifact's inputs ({', '.join(available)}) cannot be matched with the model's "
         f"({', '.join(names)}) by name."
     )
+
+
+def _without_suffix(name):
+    return re.sub(r":\d+$", "", name)
+
+
+def _mangled(name):
+    return re.sub(r"[^A-Za-z0-9_]", "_", _without_suffix(name))
 
 
 def difference(expected, actual):

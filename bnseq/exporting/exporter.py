@@ -240,6 +240,7 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
         else:
             target, decisions = model, fold_plan.fold_report(model)
         probes.infer(target, checking.call_input(target, inputs))  # Keras's ONNX exporter wants a called model
+        target, renamed = checking.with_signature_names(target, chosen)
         names = checking.input_names(target)  # the artifact's input names; in the order of model.inputs
         staged = _staged_name(path, chosen)
         unfolded_latency = quantization = None
@@ -289,6 +290,11 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
         report = ExportReport(path=kept, **report_fields)
         raise ToleranceError(f"{failure} The artifact is kept as '{kept}'; '{path}' was not written.", report)
     _move_into_place(staged, path)
+    for old, new in renamed.items():
+        notices.warn(
+            f"A {chosen} signature cannot hold the input name '{old}': in '{path}' that input is named '{new}'.",
+            UserWarning,
+        )
     if weak:
         notices.warn(f"The export check of '{path}' is weak: {weak}", UserWarning)
     return ExportReport(path=path, **report_fields)
