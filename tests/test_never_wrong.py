@@ -409,3 +409,37 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         yield
+
+
+# 6. Blocks with fixed inner names ----------------------------------------------------------
+
+
+class TemporalBlock(layers.Layer):
+    """A temporal convnet block as people write it: the same inner names in every instance."""
+
+    def __init__(self, filters, dilation, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv1D(filters, 3, padding="causal", dilation_rate=dilation, use_bias=False, name="conv")
+        self.bn = layers.BatchNormalization(name="bn")
+        self.act = layers.Activation("relu", name="act")
+
+    def call(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def test_a_temporal_convnet_of_blocks_with_fixed_inner_names_folds():
+    """0.5 refused: "give the layers unique names"."""
+    inputs = keras.Input((16, 2))
+    hidden = inputs
+    for index, dilation in enumerate((1, 2, 4)):
+        hidden = TemporalBlock(4, dilation, name=f"block_{index}")(hidden)
+    model = keras.Model(inputs, layers.Dense(1)(layers.GlobalAveragePooling1D()(hidden)))
+    randomize_statistics(model)
+    before = variables_of(model)
+    folded = bnseq.fold(model)
+    assert all(decision.folded for decision in bnseq.fold_report(model))
+    names = [layer.name for layer in folded.layers]
+    assert len(names) == len(set(names)) and "block_1_conv" in names and "block_2_conv" in names
+    x = np.random.default_rng(10).standard_normal((4, 16, 2)).astype("float32")
+    assert relative_error(model, folded, x) < 1e-5
+    assert_unchanged(model, before)

@@ -273,15 +273,20 @@ class Named(layers.Layer):
         return self.bn(self.dense(x))
 
 
-def test_inlining_refuses_two_layers_of_one_name():
+def test_inlining_names_clashing_inner_layers_after_their_block():
+    """0.5 refused ("give the layers unique names"); the second block's layers are now prefixed by its name."""
     inputs = keras.Input((4,))
     model = keras.Model(inputs, Named(name="second")(Named(name="first")(inputs)), name="twice")
-    message = (
-        "fold inlines the traced layers of Functional 'twice' into one functional model, where two layers "
-        "would share the name(s) ['conv']."
-    )
-    with pytest.raises(ValueError, match=re.escape(message)):
-        bnseq.fold(model)
+    randomize_statistics(model)
+    folded = bnseq.fold(model)
+    assert [layer.name for layer in folded.layers[1:]] == ["conv", "second_conv"]
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype("float32")
+    assert relative_error(model, folded, x) < 1e-5
+    rebuilt = bnseq.batch_normalize(model, data=x)
+    assert [layer.name for layer in rebuilt.layers[1:]] == ["conv", "norm", "second_conv", "second_norm"]
+    assert relative_error(model, rebuilt, x) < 1e-4
+    # the user's layers are never renamed: the second block's are copies under the new names
+    assert [(block.dense.name, block.bn.name) for block in model.layers[1:]] == [("conv", "norm")] * 2
 
 
 def test_data_that_does_not_match_a_traced_subclassed_model():

@@ -186,6 +186,9 @@ class Call:
         inputs: tuple of `Ref`. The tensors the call reads.
         outputs: tuple of `Ref`. What it returns, flattened (one `Ref` for
             the whole result of a layer in a Sequential model).
+        scope: tuple of str. The names of the traced layers the call was
+            inlined from, outermost first (empty for a call of the model's
+            own graph): how a rebuild names a layer whose name clashes.
     """
 
     operation: object
@@ -194,6 +197,7 @@ class Call:
     kwargs: dict
     inputs: tuple
     outputs: tuple
+    scope: tuple = ()
 
 
 @dataclasses.dataclass
@@ -377,6 +381,7 @@ class _Flattener:
         self.opaque = {}  # id(layer) -> why it did not trace
         self.traces = {}  # id(layer) -> its Trace, for layers that traced
         self.traced = False
+        self.scope = ()  # the traced layers being inlined, outermost first
 
     def call(self, operation, args, kwargs, sources, parent, outputs=None, single=False, spec=False):
         """Record `operation` called on `sources`; the `Ref`s of what it returns.
@@ -405,10 +410,14 @@ class _Flattener:
                 self.traces[id(operation)] = traced
                 self.traced = True
                 refs = [leaf for leaf in keras.tree.flatten((args, kwargs)) if isinstance(leaf, Ref)]
-                return self.model(traced.model, refs, parent, inline=True)
+                outer, self.scope = self.scope, (*self.scope, operation.name)
+                try:
+                    return self.model(traced.model, refs, parent, inline=True)
+                finally:
+                    self.scope = outer
         specs = list(outputs) if outputs else [_output_spec(operation, args, kwargs) if spec else None]
         results = tuple(Ref(f"{operation.name}:{index}", spec) for index, spec in enumerate(specs))
-        self.calls.append(Call(operation, parent, args, kwargs, tuple(sources), results))
+        self.calls.append(Call(operation, parent, args, kwargs, tuple(sources), results, self.scope))
         return results
 
     def _trace(self, operation, args, kwargs):
