@@ -106,8 +106,8 @@ def test_concrete_tensors():
     finally:
         keras.config.set_image_data_format("channels_last")
     assert str(error.value).startswith(
-        "bnseq.BatchNormalization cannot tell the channel axis of its rank-4 input from a tensor no layer "
-        "produced"
+        "bnseq.BatchNormalization cannot tell the channel axis of its rank-4 input: it is a model input, and "
+        "keras.config.image_data_format() is 'channels_first'"
     )
     assert "it does not guess. Pass `axis=` explicitly" in str(error.value)
     assert str(error.value).endswith("Received: input shape (2, 3, 4, 4)")

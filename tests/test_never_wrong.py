@@ -443,3 +443,37 @@ def test_a_temporal_convnet_of_blocks_with_fixed_inner_names_folds():
     x = np.random.default_rng(10).standard_normal((4, 16, 2)).astype("float32")
     assert relative_error(model, folded, x) < 1e-5
     assert_unchanged(model, before)
+
+
+# 12. The channel axis through recurrent layers and TimeDistributed -----------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layers.LSTM(5, return_sequences=True),
+    lambda: layers.GRU(5, return_sequences=True),
+    lambda: layers.Bidirectional(layers.SimpleRNN(3, return_sequences=True)),
+    lambda: layers.TimeDistributed(layers.Dense(5)),
+])
+def test_auto_axis_after_recurrent_and_time_distributed_layers(make):
+    """0.5 refused axis="auto" there, listing causes that did not apply."""
+    inputs = keras.Input((7, 4))
+    bn = bnseq.BatchNormalization()
+    model = keras.Model(inputs, bn(make()(inputs)))
+    assert bn.axis == -1
+    assert bnseq.lint(model) == []
+
+
+def test_auto_axis_after_time_distributed_channels_first_convolution():
+    inputs = keras.Input((3, 2, 6, 6))  # (time, channels, height, width)
+    conv = layers.TimeDistributed(layers.Conv2D(4, 3, padding="same", data_format="channels_first"))
+    bn = bnseq.BatchNormalization()
+    bn(conv(inputs))
+    assert bn.axis == 2
+
+
+def test_auto_axis_error_names_the_layer_it_could_not_read_through():
+    inputs = keras.Input((4, 6))
+    moved = layers.Permute((2, 1), name="swap")(inputs)
+    flattened = layers.Reshape((24, 1), name="flat")(moved)
+    with pytest.raises(ValueError, match=r"its rank-3 input: it comes from Reshape 'flat', which moves or merges axes"):
+        bnseq.BatchNormalization()(flattened)

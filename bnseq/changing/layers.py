@@ -14,6 +14,7 @@ import keras
 from keras import layers
 
 from bnseq import internals
+from bnseq import kinds
 from bnseq import notices
 from bnseq.deciding import rules
 from bnseq.reading import layout
@@ -104,18 +105,33 @@ def _axis_after(tensor):
     """The channel axis of `tensor` by `layout.py`'s rule, as an index; raises where it is unknown."""
     if hasattr(tensor, "_keras_history"):
         axis = layout.axis_of_tensor(tensor)
-        where = "what produced it"
     else:
         axis = layout.source_axis(tuple(tensor.shape))
-        where = "a tensor no layer produced"
     rank = len(tensor.shape)
     if axis is not None:
         return -1 if axis == rank - 1 else axis  # written as Keras writes the last axis
 
     raise ValueError(
-        f"bnseq.BatchNormalization cannot tell the channel axis of its rank-{rank} input from {where} "
-        "(after a Reshape, a Permute, a merge of inputs that disagree, a custom layer or Lambda, or a "
-        "model input while keras.config.image_data_format() is 'channels_first', where images and "
-        "sequences look alike), and it does not guess. Pass `axis=` explicitly "
-        f"(1 for channels_first images, -1 for channels last). Received: input shape {tuple(tensor.shape)}"
+        f"bnseq.BatchNormalization cannot tell the channel axis of its rank-{rank} input: {_cause(tensor)}, "
+        "and it does not guess. Pass `axis=` explicitly (1 for channels_first images, -1 for channels last). "
+        f"Received: input shape {tuple(tensor.shape)}"
     )
+
+
+def _cause(tensor):
+    """Why the channel axis of `tensor` is unknown, in words that fit what produced it."""
+    history = internals.history_of(tensor) if hasattr(tensor, "_keras_history") else None
+    if history is None:
+        return (
+            "it is a model input, and keras.config.image_data_format() is 'channels_first', where images and "
+            "sequences look alike"
+        )
+    producer = history[0]
+    name = kinds.describe(producer)
+    if isinstance(producer, (keras.layers.Reshape, keras.layers.Permute)) or type(producer).__name__ in (
+        layout.REARRANGING
+    ):
+        return f"it comes from {name}, which moves or merges axes"
+    if isinstance(producer, keras.layers.Lambda) or not kinds.is_keras_class(type(producer)):
+        return f"it comes from {name}, whose call() may move axes"
+    return f"it comes from {name}, and the channel axes of what feeds that disagree or are unknown"

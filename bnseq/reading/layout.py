@@ -20,6 +20,9 @@ The rule, by kind of operation:
   cropping): its format decides (`1` for channels_first, the last axis
   otherwise);
 - any rank-2 output (Flatten, Dense features, global pooling): axis 1;
+- a recurrent layer returning sequences (`LSTM`, `GRU`, `SimpleRNN`,
+  `Bidirectional`): the last axis, its features; `TimeDistributed`: its
+  inner layer's rule, one axis further out;
 - `Permute` maps the axis; `Reshape` keeps it when the channel axis stays
   first or last with the same size; other reshaping operations (transposes,
   einsum, squeeze) give unknown;
@@ -46,7 +49,7 @@ from bnseq.reading import graph as graph_module
 from bnseq.reading import trace as trace_module
 
 # Keras operations that move or merge axes: their output's layout is not their input's.
-_REARRANGING = {
+REARRANGING = {
     "Transpose", "Swapaxes", "Moveaxis", "Einsum", "Squeeze", "ExpandDims", "Tensordot", "Matmul",
     "Reshape", "Ravel", "Flatten", "Permute", "Repeat", "Tile", "Stack", "Unstack", "Split",
     "Dot", "Attention", "MultiHeadAttention", "GroupQueryAttention", "EinsumDense", "Embedding",
@@ -84,11 +87,21 @@ def transfer(operation, inputs, output_shape):
     if kinds.is_linear(operation) or getattr(operation, "data_format", None) in ("channels_first", "channels_last"):
         return 1 if getattr(operation, "data_format", None) == "channels_first" else rank - 1
     name = type(operation).__name__
+    if isinstance(operation, layers.TimeDistributed):  # the inner layer's rule, one axis further out
+        inner = transfer(
+            operation.layer,
+            [(None if axis is None or axis < 2 else axis - 1, None if shape is None else (shape[0], *shape[2:]))
+             for axis, shape in inputs],
+            (output_shape[0], *output_shape[2:]),
+        )
+        return None if inner is None else inner + 1
+    if isinstance(operation, (layers.RNN, layers.Bidirectional)) and getattr(operation, "data_format", None) is None:
+        return rank - 1  # LSTM, GRU, SimpleRNN with return_sequences: (batch, time, features)
     if isinstance(operation, layers.Permute):
         return _permuted(operation.dims, inputs)
     if isinstance(operation, layers.Reshape) or name == "Reshape":
         return _reshaped(inputs, output_shape)
-    if name in _REARRANGING or isinstance(operation, layers.Lambda) or not kinds.is_keras_class(type(operation)):
+    if name in REARRANGING or isinstance(operation, layers.Lambda) or not kinds.is_keras_class(type(operation)):
         return None
     same = [axis for axis, shape in inputs if shape is not None and tuple(shape) == tuple(output_shape)]
     if isinstance(operation, layers.Concatenate) or name == "Concatenate":  # the layer or keras.ops.concatenate
