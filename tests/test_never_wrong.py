@@ -477,3 +477,37 @@ def test_auto_axis_error_names_the_layer_it_could_not_read_through():
     flattened = layers.Reshape((24, 1), name="flat")(moved)
     with pytest.raises(ValueError, match=r"its rank-3 input: it comes from Reshape 'flat', which moves or merges axes"):
         bnseq.BatchNormalization()(flattened)
+
+
+# 13. What the docstrings promise ------------------------------------------------------
+
+
+def test_a_sequential_holding_a_traced_block_comes_back_functional_as_documented():
+    model = keras.Sequential([keras.Input((3,)), DefaultTrue(), layers.Dense(2)])
+    model(np.zeros((2, 3), "float32"))
+    for result in (bnseq.batch_normalize(model), bnseq.fold(model)):
+        assert not isinstance(result, keras.Sequential) and type(result).__name__ == "Functional"
+
+
+def test_a_subclassed_model_that_traces_folds_and_one_that_does_not_raises_type_error():
+    class Traced(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(4, use_bias=False)
+            self.bn = layers.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(self.dense(x))
+
+    class Branching(Traced):
+        def call(self, x):
+            y = self.dense(x)
+            return y if keras.ops.convert_to_numpy(keras.ops.sum(y)) > 0 else self.bn(y)
+
+    traced = Traced()
+    traced(np.zeros((2, 3), "float32"))
+    assert type(bnseq.fold(traced)).__name__ == "Functional"
+    branching = Branching()
+    branching(np.ones((2, 3), "float32"))
+    with pytest.raises(TypeError, match=r"fold could not read Branching 'branching', a subclassed model: "):
+        bnseq.fold(branching)

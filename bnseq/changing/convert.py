@@ -87,11 +87,14 @@ def batch_normalize(model, batch_norm=True, *, data=None, batch_size=None, steps
     Returns:
         A `bnseq.Sequential` with this `batch_norm` for a Sequential model; a
         plain functional `keras.Model` with the same inputs and outputs for a
-        functional one.
+        functional one. Where the model holds a subclassed layer that traces
+        (or is a subclassed model that traces), its `call()` is inlined and
+        the result is one functional `keras.Model`, for a Sequential model
+        too.
 
     Raises:
-        TypeError: if `model` is a subclassed model, which has no graph to
-            rewrite, or `batch_norm` has the wrong type.
+        TypeError: if `model` is a subclassed model whose `call()` does not
+            trace (the message says why), or `batch_norm` has the wrong type.
         ValueError: if `batch_norm` is `False` or has invalid options; with
             `data`, if the model is not built or a BatchNormalization's
             output cannot be kept (see above).

@@ -27,7 +27,10 @@ def fold(model, *, strict=False, safe_mode=True):
     fewer layers: a `keras.Sequential` for a Sequential model, and a plain
     functional `keras.Model` with the same inputs and outputs for a
     functional one (also for a subclass built from inputs and outputs, such
-    as a keras-hub backbone, whose own class is not kept). A BatchNormalization
+    as a keras-hub backbone, whose own class is not kept). Where the model
+    holds a subclassed layer that traces, or is a subclassed model that
+    traces, its `call()` is inlined and the result is one functional
+    `keras.Model` (a Sequential model included). A BatchNormalization
     folds when the layer that feeds it is one of the linear layers bnseq
     knows, with the identity activation, whose output nothing else uses, and
     its axis is that layer's channel axis; the folded layer gets
@@ -56,7 +59,8 @@ def fold(model, *, strict=False, safe_mode=True):
 
     Raises:
         TypeError: if `model` is neither a model nor a path, or is a
-            subclassed model (no graph to rebuild).
+            subclassed model whose `call()` does not trace (the message
+            says why).
         ValueError: if `model` is not built, or, with `strict=True`, if a
             BatchNormalization cannot fold (the message lists each and why).
 
