@@ -45,6 +45,11 @@ def inner_layers(layer):
     return list(layer._flatten_layers(include_self=False))
 
 
+def child_layers(layer):
+    """The layers `layer` holds directly (not theirs), in the order it made them (`_flatten_layers`, as above)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
 def calls_of(model):
     """The layer calls of a functional model, producers before consumers.
 

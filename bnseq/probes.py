@@ -172,6 +172,14 @@ def state_of(*layers):
     return list(found.values())
 
 
+def seeds_of(*layers):
+    """The `keras.random.SeedGenerator` states among `state_of(layers)`: what a random layer draws from.
+
+    Told by the name Keras gives the state variable of every SeedGenerator.
+    """
+    return [variable for variable in state_of(*layers) if variable.name == "seed_generator_state"]
+
+
 def _value(variable):
     return np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
 

@@ -308,3 +308,47 @@ def test_backbone_batch_normalize_with_data_keeps_predictions(backbone):
     fixed = bnseq.batch_normalize(model, data=x, batch_size=4)
     assert relative_error(model, fixed, x) <= 1e-4
     assert all(np.array_equal(a, b) for a, b in zip(original, model.get_weights()))  # the original untouched
+
+
+@pytest.mark.slow
+def test_d_fine_s_hybrid_encoder_is_read_through_its_blocks():
+    """0.5 kept 35 of D-FINE's BatchNormalization unseen: `DFineHybridEncoder.call()` does not trace."""
+    from tests.backbones import d_fine
+
+    model = d_fine()
+    before = [np.array(keras.ops.convert_to_numpy(variable.value)) for variable in probes.state_of(model)]
+    report = bnseq.fold_report(model)
+    assert len(report) == len(batch_norms(model))
+    inside = [decision for decision in report if decision.producer == "hybrid_encoder"]
+    assert len(inside) > 20
+    unseen = [decision for decision in inside if "read through" not in decision.reason]
+    assert len(unseen) <= 2, [str(decision) for decision in unseen]
+    assert all("fold cannot rebuild DFineHybridEncoder 'hybrid_encoder' around it" in d.reason for d in inside)
+    assert [finding for finding in bnseq.lint(model) if finding.code == "BN000"] == []
+    after = [keras.ops.convert_to_numpy(variable.value) for variable in probes.state_of(model)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_block_that_does_not_trace_is_linted_through_its_sublayers():
+    class Encoder(layers.Layer):  # its call() reads a Python number off a symbolic shape
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.lateral = keras.Sequential([layers.Dense(4), layers.BatchNormalization(name="after_bias")])
+            self.bn = layers.BatchNormalization(name="direct")
+
+        def build(self, shape):
+            self.lateral.build(shape)
+            self.bn.build(shape[:-1] + (4,))
+
+        def call(self, x):
+            return self.bn(self.lateral(x)) * float(x.shape[0])
+
+        def compute_output_shape(self, shape):
+            return shape[:-1] + (4,)
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, Encoder(name="encoder")(inputs))
+    findings = bnseq.lint(model)
+    assert [(finding.code, finding.layer) for finding in findings] == [("BN001", "after_bias"), ("BN000", "encoder")]
+    assert "1 BatchNormalization layer ('direct')" in findings[1].message
+    assert "Its sublayers 'sequential" in findings[1].message

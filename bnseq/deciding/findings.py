@@ -13,8 +13,9 @@ its parameters are wasted; BatchNormalization's own `beta` is the offset::
 
 `BN002`, BatchNormalization after a nonlinearity: the producer's own
 activation, or an activation layer (`Activation`, `ReLU`, `LeakyReLU`,
-`PReLU`, `ELU`, `Softmax`). It belongs between the linear layer and its
-activation::
+`PReLU`, `ELU`, `Softmax`), or an activation written as an operation
+(`keras.ops.silu(x)`, `keras.activations.gelu(x)`). It belongs between the
+linear layer and its activation::
 
     layers.Dense(100, activation="relu")    # BN002
     layers.BatchNormalization()
@@ -55,6 +56,7 @@ from bnseq.deciding import rules
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
 from bnseq.reading import layout
+from bnseq.reading import partial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,24 +117,20 @@ def lint(model_or_path, *, safe_mode=True):
         BN002 bn hidden
     """
     model = files.as_model(model_or_path, safe_mode=safe_mode)
-    graph = graph_module.walk(model)
+    return _findings(graph_module.walk(model))
+
+
+def _findings(graph):
+    """The findings of one graph; an opaque leaf is read through its sublayers that can be (`partial`)."""
     axes = layout.axes_of_graph(graph)
     findings = []
     for layer in graph.layers:
-        hidden = graph.hidden_batch_norms(layer)
-        if hidden:
-            kind = "model" if isinstance(layer, keras.Model) else "layer"
-            findings.append(
-                Finding(
-                    "BN000",
-                    layer.name,
-                    f"cannot inspect {kinds.describe(layer)}: subclassed {kind} with "
-                    f"{len(hidden)} BatchNormalization layer{'s' if len(hidden) > 1 else ''} "
-                    f"({', '.join(repr(each.name) for each in hidden)}), and {graph.why_opaque(layer)}; "
-                    "their placement is not checked.",
-                    None,
-                )
-            )
+        if graph.hidden_batch_norms(layer):
+            parts, unseen = partial.parts_of(layer)
+            for part in parts:
+                findings.extend(_findings(part.graph))
+            if unseen:
+                findings.append(_unseen(graph, layer, unseen, parts))
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
         producer = graph.sole_producer(layer)
@@ -148,6 +146,23 @@ def lint(model_or_path, *, safe_mode=True):
         for code, message in rules.placement_problems(producer, layer, shared=shared):
             findings.append(Finding(code, layer.name, message, producer.name))
     return findings
+
+
+def _unseen(graph, layer, unseen, parts):
+    kind = "model" if isinstance(layer, keras.Model) else "layer"
+    read = ""
+    if parts:
+        names = ", ".join(repr(part.layer.name) for part in parts)
+        read = f" Its sublayers {names} were read on their own; these are outside them."
+    return Finding(
+        "BN000",
+        layer.name,
+        f"cannot inspect {kinds.describe(layer)}: subclassed {kind} with "
+        f"{len(unseen)} BatchNormalization layer{'s' if len(unseen) > 1 else ''} "
+        f"({', '.join(repr(each.name) for each in unseen)}), and {graph.why_opaque(layer)}; "
+        f"their placement is not checked.{read}",
+        None,
+    )
 
 
 def _axis_problem(graph, axes, bn, producer):

@@ -15,6 +15,7 @@ from bnseq import probes
 from bnseq.deciding import fold_math
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
+from bnseq.reading import partial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +88,8 @@ def decide(graph):
     decisions = []
     for layer in graph.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
-            for hidden in graph.hidden_batch_norms(layer):
-                reason = f"it is inside {kinds.describe(layer)}, and {graph.why_opaque(layer)}"
-                decisions.append((hidden, None, FoldDecision(hidden.name, layer.name, False, reason), None))
+            if graph.hidden_batch_norms(layer):
+                decisions.extend(_inside(graph, layer))
             continue
         producer = graph.sole_producer(layer)
         reason = _why_not(graph, producer, layer)
@@ -106,6 +106,31 @@ def decide(graph):
         decisions.append((layer, None, FoldDecision(layer.name, name, False, reason), None))
     for layer in graph.uncalled:
         decisions.append((layer, None, FoldDecision(layer.name, None, False, "it is never called"), None))
+    return decisions
+
+
+def _inside(graph, layer):
+    """Decisions for the BatchNormalization layers inside an opaque leaf: each kept, saying what bnseq saw.
+
+    Those inside a sublayer that can be read on its own (`partial`) say what
+    would fold there; `fold` cannot rebuild the block around the sublayer.
+    """
+    where = f"it is inside {kinds.describe(layer)}, and {graph.why_opaque(layer)}"
+    parts, unseen = partial.parts_of(layer)
+    decisions = []
+    for part in parts:
+        for bn, _, decision, _ in decide(part.graph):
+            if not any(bn is each for each in part.batch_norms()):
+                continue  # deeper still, unseen: listed below
+            through = f"read through {kinds.describe(part.layer)}"
+            if decision.folded:
+                seen = f"{through}, it would fold into {decision.into or decision.producer}"
+            else:
+                seen = f"{through}, it is kept there too: {decision.reason}"
+            reason = f"{where}; {seen}, but fold cannot rebuild {kinds.describe(layer)} around it"
+            decisions.append((bn, None, FoldDecision(bn.name, layer.name, False, reason), None))
+    for bn in unseen:
+        decisions.append((bn, None, FoldDecision(bn.name, layer.name, False, where), None))
     return decisions
 
 

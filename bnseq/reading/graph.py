@@ -264,7 +264,7 @@ def flatten(model):
         structure = keras.tree.pack_sequence_as(model.input, inputs)
         outputs = flattener.model(model, inputs, parent=None)
     else:  # a subclassed model: traced from the shapes it was built with, or one opaque leaf
-        specs = _built_input(model)
+        specs = built_input(model)
         if specs is None:
             inputs = [Ref("input")]
             structure = inputs[0]
@@ -328,7 +328,7 @@ def _sequential_input(model):
     return inputs[0] if inputs else None
 
 
-def _built_input(model):
+def built_input(model):
     """`keras.KerasTensor` specs of what a subclassed model was built with, or `None`.
 
     From `get_build_config()` (public Keras): the input shapes of the first

@@ -285,8 +285,9 @@ def _differs(layer, args, kwargs, model, training):
     Both run as `predict` (`training=False`) or a step of `fit`
     (`training=True`) runs them: inside a functional model called with
     `training` (the layer as one node of its own), compiled, each from the
-    same variables (put back after each run: in training, BatchNormalization
-    moves its statistics and a `Dropout` its seed). A bare
+    same variables, in one compiled function (the seeds the first run drew
+    put back before the second; every variable put back afterwards: in
+    training, BatchNormalization moves its statistics). A bare
     eager call would not do: Keras passes `training` down through its call
     context, and a layer created inside `call()` with a `training=True`
     default (keras-hub's SpatialPyramidPooling makes a `Resizing`) sets it for
@@ -315,10 +316,9 @@ def _differs(layer, args, kwargs, model, training):
                 (tuple(args), dict(kwargs)),
             )
             original = keras.Model(inputs, layer(*call_args, **call_kwargs))
+        seeds = [(variable, keras.ops.convert_to_numpy(variable.value)) for variable in probes.seeds_of(layer)]
         with probes.unchanged(layer):
-            expected = _run(layer, functools.partial(_call, original, (values,), {"training": training}))
-        with probes.unchanged(layer):
-            actual = _run(layer, functools.partial(_call, model, (values,), {"training": training}))
+            expected, actual = _run(layer, functools.partial(_both, original, model, values, training, seeds))
     except Exception as error:  # the random input does not suit the layer: the trace is unchecked
         return f"its trace could not be checked on a random input ({notices.first_line(error)})"
     expected, actual = keras.tree.flatten(expected), keras.tree.flatten(actual)
@@ -338,8 +338,16 @@ def _differs(layer, args, kwargs, model, training):
     return ""
 
 
-def _call(layer, args, kwargs):
-    return layer(*args, **kwargs)
+def _both(original, traced, values, training, seeds):
+    """The layer's outputs, then the trace's, in one function: one compile for both.
+
+    The random seeds the first run drew from are put back before the second,
+    so a `Dropout` draws the same mask in both.
+    """
+    expected = original(values, training=training)
+    for variable, value in seeds:
+        variable.assign(value)
+    return expected, traced(values, training=training)
 
 
 def _run(layer, function):
