@@ -40,6 +40,10 @@ from bnseq import kinds
 from bnseq import probes
 from bnseq.reading.graph import walk
 from tests.backbones import statistics_errors
+from tests.test_never_wrong import Counting
+from tests.test_never_wrong import DefaultTrue
+from tests.test_never_wrong import FixedNames
+from tests.test_never_wrong import ModeBranches
 
 ACTIVATIONS = [None, "relu", "tanh"]
 # 5 channels: never a spatial size here (6, 4, 2), so no channels_first layer meets Keras's eager bias bug
@@ -47,7 +51,10 @@ ACTIVATIONS = [None, "relu", "tanh"]
 # make the eager oracles wrong, not bnseq.
 FILTERS = 5
 STEPS = ["linear", "bn", "bn_wrong", "act", "skip", "concat", "shared", "nested", "sequential", "block",
-         "permute", "reshape", "flatten", "lambda"]
+         "permute", "reshape", "flatten", "lambda", "ops_act", "mode_block", "default_block", "counter_block",
+         "named_block"]
+# Activations written as operations (lint reads them as it reads the layers).
+OPS_ACTIVATIONS = [keras.ops.silu, keras.activations.relu, keras.activations.gelu, keras.ops.tanh]
 
 
 @dataclasses.dataclass
@@ -178,6 +185,31 @@ class Drawn:
         ]))(self.name("act"))
         self.push(layer(self.current.value), self.current.axis, "nonlinear", layer.name)
 
+    def ops_act(self):
+        value = self.draw(st.sampled_from(OPS_ACTIVATIONS))(self.current.value)
+        self.push(value, self.current.axis, "nonlinear", value._keras_history.operation.name)
+
+    def hazard_block(self, kind):
+        """A subclassed block of the hazards issue 29 lists, on the last axis (vectors or channels_last)."""
+        if self.rank() == 4 and self.conv_format() == "channels_first":
+            return
+        units = int(self.current.value.shape[-1])
+        name = self.name(kind)
+        if kind == "mode_block":  # branches on training, default True: not inlined, read as unseen
+            block = ModeBranches(units, name=name)
+        elif kind == "counter_block":  # updates a variable in call(): not inlined
+            block = Counting(units, affects=False, name=name)
+        elif kind == "default_block":  # a training=True default, one path: inlined in predict's mode
+            block = DefaultTrue(units, name=name)
+        else:  # fixed inner names, clashing with the next one's once inlined
+            block = FixedNames(units, name=name)
+        value = block(self.current.value)
+        if kind in ("mode_block", "counter_block"):  # opaque: nothing tells the axis of what it returns
+            self.expected.add(("BN000", name))
+            self.push(value, None, "other")
+        else:
+            self.push(value, self.rank() - 1, "nonlinear" if kind == "default_block" else "bn", block.bn.name)
+
     def skip(self):
         shape = tuple(self.current.value.shape)
         same = [each for each in self.earlier if tuple(each.value.shape) == shape and each.axis == self.current.axis]
@@ -285,7 +317,11 @@ def drawn_models(draw):
             "skip": drawn.skip, "concat": drawn.concat, "reshape": drawn.reshape, "shared": drawn.shared,
             "nested": drawn.nested,
             "sequential": lambda: drawn.nested(sequential=True), "block": drawn.block, "permute": drawn.permute,
-            "flatten": drawn.flatten, "lambda": drawn.lambda_,
+            "flatten": drawn.flatten, "lambda": drawn.lambda_, "ops_act": drawn.ops_act,
+            "mode_block": lambda: drawn.hazard_block("mode_block"),
+            "default_block": lambda: drawn.hazard_block("default_block"),
+            "counter_block": lambda: drawn.hazard_block("counter_block"),
+            "named_block": lambda: drawn.hazard_block("named_block"),
         }[step]()
     if draw(st.booleans()):
         drawn.bn()
@@ -312,6 +348,22 @@ def describe(model):
     return [(type(layer).__name__, layer.name, getattr(layer, "axis", None)) for layer in model._flatten_layers()]
 
 
+def state(model):
+    """Every variable of the model as NumPy copies (RNN states, counters and seeds included), by position."""
+    return [(variable, np.array(keras.ops.convert_to_numpy(variable.value), copy=True))
+            for variable in probes.state_of(model)]
+
+
+def assert_same_state(saved, model, but_statistics=False):
+    """The model's variables are bit for bit as `saved` (but moving statistics, after a recalibrate)."""
+    now = probes.state_of(model)
+    assert [id(variable) for variable, _ in saved] == [id(variable) for variable in now]
+    for variable, value in saved:
+        if but_statistics and variable.name in ("moving_mean", "moving_variance"):
+            continue
+        assert np.array_equal(keras.ops.convert_to_numpy(variable.value), value), variable.path
+
+
 def relative(expected, actual):
     return float(np.max(np.abs(expected - actual)) / max(1e-6, float(np.max(np.abs(expected)))))
 
@@ -329,6 +381,7 @@ def test_fuzz_every_result_against_its_oracle(case):
     x = data_for(model, 1)
     # Like with like: a backend bug both models meet alike (probes.bias_add_is_sound) is not bnseq's.
     expected, eager = probes.predicted(model, x), probes.infer(model, x)
+    source = state(model)  # reading changes nothing: checked after every call below
 
     # axis="auto": the generator's axis, or a refusal where it has none.
     for axis, settled in drawn.auto:
@@ -338,11 +391,13 @@ def test_fuzz_every_result_against_its_oracle(case):
     found = bnseq.lint(model)
     findings = {(f.code, f.layer) for f in found}
     assert findings == drawn.expected, (findings ^ drawn.expected, [str(f) for f in found], describe(model))
+    assert_same_state(source, model)
 
     # fold: the same outputs, as predict runs the folded model and eagerly.
     folded = bnseq.fold(model)
     assert relative(expected, probes.predicted(folded, x)) <= 1e-4
     assert relative(eager, probes.infer(folded, x)) <= 1e-4
+    assert_same_state(source, model)
 
     # batch_normalize(data=): the same outputs, or its documented refusal.
     try:
@@ -364,8 +419,11 @@ def test_fuzz_every_result_against_its_oracle(case):
         assert not any(code == "BN001" for code, _ in after), after
         assert all(code == "BN004" and name in behind_shared_linear for code, name in new), (new, describe(fixed))
 
+    assert_same_state(source, model)
+
     # recalibrate: exact statistics by an independent capture, and a second call changes nothing.
     report = bnseq.recalibrate(model, x, batch_size=5, verbose=0)
+    assert_same_state(source, model, but_statistics=True)
     errors = statistics_errors(model, x)
     assert all(error <= 1e-4 for error in errors.values()), (errors, describe(model))
     again = bnseq.recalibrate(model, x, batch_size=7, verbose=0)

@@ -44,11 +44,16 @@ def relative_error(model, other, x):
 class ModeBranches(layers.Layer):
     """One BatchNormalization when training, another in inference, with `training=True` as the default."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, units=4, **kwargs):
         super().__init__(**kwargs)
-        self.dense = layers.Dense(4, use_bias=False)
+        self.dense = layers.Dense(units, use_bias=False)
         self.bn_train = layers.BatchNormalization()
         self.bn_infer = layers.BatchNormalization()
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+        for bn in (self.bn_train, self.bn_infer):
+            bn.build((*input_shape[:-1], self.dense.units))
 
     def call(self, x, training=True):
         y = self.dense(x)
@@ -58,13 +63,25 @@ class ModeBranches(layers.Layer):
 class DefaultTrue(layers.Layer):
     """The same path in both modes, but a signature default of `training=True`."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, units=4, **kwargs):
         super().__init__(**kwargs)
-        self.dense = layers.Dense(4, use_bias=False)
+        self.dense = layers.Dense(units, use_bias=False)
         self.bn = layers.BatchNormalization()
 
     def call(self, x, training=True):
         return keras.ops.relu(self.bn(self.dense(x), training=training))
+
+
+class FixedNames(layers.Layer):
+    """A traced block with the same inner names in every instance, as people write them."""
+
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(units, use_bias=False, name="dense")
+        self.bn = layers.BatchNormalization(name="norm")
+
+    def call(self, x):
+        return self.bn(self.dense(x))
 
 
 def _model_of(block, shape=(3,)):
@@ -146,10 +163,11 @@ def test_paths_that_differ_only_in_a_constant_are_told_apart():
 class Counting(layers.Layer):
     """Counts its calls in a variable, and lets the count change what it computes."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, units=4, affects=True, **kwargs):
         super().__init__(**kwargs)
-        self.dense = layers.Dense(4, use_bias=False)
+        self.dense = layers.Dense(units, use_bias=False)
         self.bn = layers.BatchNormalization()
+        self.affects = affects  # whether the count changes the output (not where an oracle runs the model twice)
 
     def build(self, input_shape):
         self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="calls")
@@ -157,7 +175,8 @@ class Counting(layers.Layer):
 
     def call(self, x):
         self.calls.assign_add(1.0)
-        return self.bn(self.dense(x)) * (1.0 + 0.01 * self.calls)
+        y = self.bn(self.dense(x))
+        return y * (1.0 + 0.01 * self.calls) if self.affects else y
 
 
 def test_reading_a_block_with_a_step_counter_changes_nothing():

@@ -7,6 +7,7 @@ import numpy as np
 
 from bnseq import kinds
 from bnseq import notices
+from bnseq import probes
 from bnseq.changing import rewrite
 from bnseq.changing.sequential import Sequential
 from bnseq.deciding import fold_math
@@ -252,9 +253,10 @@ def _keep_predictions(model, inserted, batches):
         # do so with its initial statistics, then one pass measures them all.
         for bn, bias in inserted:
             _set_affine(bn, bias)
-    stats = segments.measure(
-        model, batches, [bn for bn, _ in inserted], chained=False, processes=processes
-    ).stats
+    with probes.unchanged(model):  # running the data moves nothing (a stateful RNN, a counter in a call())
+        stats = segments.measure(
+            model, batches, [bn for bn, _ in inserted], chained=False, processes=processes
+        ).stats
     for bn, bias in inserted:
         stats[id(bn)].assign_to(bn)
         _set_affine(bn, bias)
