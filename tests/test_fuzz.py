@@ -204,9 +204,9 @@ class Drawn:
         else:  # fixed inner names, clashing with the next one's once inlined
             block = FixedNames(units, name=name)
         value = block(self.current.value)
-        if kind in ("mode_block", "counter_block"):  # opaque: nothing tells the axis of what it returns
+        if kind in ("mode_block", "counter_block"):  # opaque: only a rank-2 output tells its axis
             self.expected.add(("BN000", name))
-            self.push(value, None, "other")
+            self.push(value, 1 if self.rank() == 2 else None, "other")
         else:
             self.push(value, self.rank() - 1, "nonlinear" if kind == "default_block" else "bn", block.bn.name)
 

@@ -256,7 +256,7 @@ def test_recalibrate_puts_stateful_recurrent_states_back(kind):
         layers.Dense(4, use_bias=False),
         layers.BatchNormalization(),
     ])
-    model.predict(rng.standard_normal((4, 5, 3)).astype("float32"), batch_size=4, verbose=0)  # states set
+    model(rng.standard_normal((4, 5, 3)).astype("float32"))  # an eager call sets the states (JAX's predict does not)
     (states_layer,) = [layer for layer in model.layers if isinstance(layer, kind)]
     states = [np.array(keras.ops.convert_to_numpy(each)) for each in states_layer.states]
     assert any(np.any(each) for each in states)
@@ -405,6 +405,8 @@ def test_recalibrate_callback_reads_a_generator_once_with_steps():
 # 7. Export with input names the runtimes rewrite ---------------------------------------
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras exports ONNX, LiteRT and SavedModel "
+                    "from TensorFlow")
 @pytest.mark.parametrize("name, suffix", [
     ("image:0", ".onnx"), ("image:0", ".tflite"), ("image:0", ""), ("image input", ".tflite"), ("x-1", ""),
 ])

@@ -11,9 +11,9 @@ import dataclasses
 import os
 import tempfile
 
-import keras
 import numpy as np
 
+from bnseq import probes
 from bnseq.exporting import runtimes
 
 # For quantized LiteRT exports, of the mean absolute difference over the mean
@@ -103,9 +103,5 @@ def statistics_restored(model, active):
     if not active:
         yield
         return
-    saved = [(variable, keras.ops.convert_to_numpy(variable)) for variable in model.variables]
-    try:
+    with probes.unchanged(model):
         yield
-    finally:
-        for variable, value in saved:
-            variable.assign(value)

@@ -1,8 +1,8 @@
 """Seeing into a subclassed layer that does not trace, through its sublayers that do.
 
 A block whose `call()` cannot run on symbolic tensors (keras-hub's
-`DFineHybridEncoder` computes positional embeddings from Python numbers
-taken from its input's shape) stays one opaque leaf of the graph. Its
+`DFineHybridEncoder` builds positional embeddings with Python arithmetic on
+its input's shape) stays one opaque leaf of the graph. Its
 sublayers are often plain blocks that would trace on their own: D-FINE's
 lateral convolutions, its FPN and PAN blocks, each a convolution and its
 BatchNormalization. `parts_of(layer)` reads each such sublayer by itself, on

@@ -316,7 +316,8 @@ def _differs(layer, args, kwargs, model, training):
                 (tuple(args), dict(kwargs)),
             )
             original = keras.Model(inputs, layer(*call_args, **call_kwargs))
-        seeds = [(variable, keras.ops.convert_to_numpy(variable.value)) for variable in probes.seeds_of(layer)]
+        seeds = [(variable, np.array(keras.ops.convert_to_numpy(variable.value), copy=True))  # a copy: torch
+                 for variable in probes.seeds_of(layer)]  # shares a tensor's memory with its NumPy view
         with probes.unchanged(layer):
             expected, actual = _run(layer, functools.partial(_both, original, model, values, training, seeds))
     except Exception as error:  # the random input does not suit the layer: the trace is unchecked
@@ -342,12 +343,29 @@ def _both(original, traced, values, training, seeds):
     """The layer's outputs, then the trace's, in one function: one compile for both.
 
     The random seeds the first run drew from are put back before the second,
-    so a `Dropout` draws the same mask in both.
+    so a `Dropout` draws the same mask in both: its `SeedGenerator`'s state,
+    and on PyTorch the global generator, which Keras's torch backend draws
+    from for a layer given no seed (put back afterwards too).
     """
+    torch_state = _torch_random_state()
     expected = original(values, training=training)
     for variable, value in seeds:
         variable.assign(value)
-    return expected, traced(values, training=training)
+    _torch_random_state(torch_state)
+    actual = traced(values, training=training)
+    _torch_random_state(torch_state)
+    return expected, actual
+
+
+def _torch_random_state(state=None):
+    """PyTorch's global random state (set to `state` when given); `None` on other backends."""
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    if state is not None:
+        torch.random.set_rng_state(state)
+    return torch.random.get_rng_state()
 
 
 def _run(layer, function):
