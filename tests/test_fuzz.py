@@ -26,6 +26,8 @@ examples, or `BNSEQ_FUZZ_EXAMPLES`), e.g.
 """
 
 import dataclasses
+import os
+import tempfile
 import warnings
 
 import keras
@@ -495,3 +497,59 @@ def test_fuzz_masked_sequences(model, padded):
     assert all(error <= 1e-4 for error in errors.values()), (errors, describe(model))
     expected = probes.predicted(model, x)
     assert relative(expected, probes.predicted(bnseq.fold(model), x)) <= 1e-4
+
+
+# Stateful recurrent layers and non-finite samples (issue 29) -------------------------------------------
+
+
+@st.composite
+def recurrent_models(draw):
+    """A stateful LSTM, GRU or SimpleRNN (or a Bidirectional one) before Dense and BatchNormalization steps."""
+    kind = draw(st.sampled_from([layers.LSTM, layers.GRU, layers.SimpleRNN]))
+    recurrent = kind(draw(st.integers(2, 4)), stateful=True, return_sequences=draw(st.booleans()))
+    if draw(st.booleans()):
+        recurrent = layers.Bidirectional(recurrent)
+    inputs = keras.Input(batch_shape=(4, 5, 3))
+    x = recurrent(inputs)
+    for step in draw(st.lists(st.sampled_from(["dense", "bn", "act"]), min_size=1, max_size=4)):
+        if step == "dense":
+            x = layers.Dense(draw(st.integers(2, 4)), use_bias=draw(st.booleans()))(x)
+        elif step == "bn":
+            x = layers.BatchNormalization()(x)
+        else:
+            x = layers.ReLU()(x)
+    return keras.Model(inputs, layers.BatchNormalization()(x))
+
+
+@pytest.mark.filterwarnings("ignore::bnseq.BatchNormPlacementWarning")
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@given(recurrent_models(), st.integers(0, 2 ** 31 - 1))
+def test_fuzz_stateful_recurrent_state_is_left_where_it_was(model, seed):
+    """lint, fold, batch_normalize and recalibrate leave the carried states (and every other variable) as they were."""
+    rng = np.random.default_rng(seed)
+    randomized(model, seed)
+    model(rng.standard_normal((4, 5, 3)).astype("float32"))  # carried states set, eagerly
+    source = state(model)
+    assert any(np.any(value) for variable, value in source if variable.name == "rnn_state")
+    x = rng.standard_normal((12, 5, 3)).astype("float32")
+    bnseq.lint(model)
+    bnseq.fold(model)
+    assert_same_state(source, model)
+    bnseq.recalibrate(model, x, batch_size=4, verbose=0)
+    assert_same_state(source, model, but_statistics=True)
+
+
+@pytest.mark.filterwarnings("ignore::bnseq.BatchNormPlacementWarning")
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@given(drawn_models(), st.sampled_from([np.nan, np.inf, -np.inf]), st.integers(0, 10 ** 6))
+def test_fuzz_a_non_finite_sample_is_never_a_zero_difference(case, bad, where):
+    """export refuses a sample holding NaN or infinity, naming the input; a difference with one is infinite."""
+    _, model = case
+    x = data_for(model, 4, count=3)
+    flat = x.reshape(-1)
+    flat[where % flat.size] = bad
+    with pytest.raises(ValueError, match=r"holds NaN or infinity \(in 1 of 3 examples"):
+        bnseq.export(model, os.path.join(tempfile.mkdtemp(), "m.keras"), sample=x, safe_mode=False)
+    outputs = probes.predicted(model, data_for(model, 5, count=3))
+    assert probes.largest_difference([outputs], [np.where(np.arange(outputs.size).reshape(outputs.shape) == 0,
+                                                          bad, outputs)]) == (np.inf, np.inf)
