@@ -532,3 +532,68 @@ def test_a_subclassed_model_that_traces_folds_and_one_that_does_not_raises_type_
     branching(np.ones((2, 3), "float32"))
     with pytest.raises(TypeError, match=r"fold could not read Branching 'branching', a subclassed model: "):
         bnseq.fold(branching)
+
+
+# Issue 33 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{"center": False}, {"scale": False}, {"center": False, "scale": False}])
+def test_batch_normalize_with_data_keeps_predictions_without_center_or_scale(options):
+    """0.5 skipped the missing beta or gamma: 110-128% off."""
+    rng = np.random.default_rng(11)
+    inputs = keras.Input((5,))
+    hidden = layers.Dense(4, activation="relu")(inputs)
+    model = keras.Model(inputs, layers.Dense(3)(layers.Dense(6)(hidden)))
+    for layer in model.layers[1:]:
+        layer.bias.assign(rng.normal(2.0, 1.0, layer.bias.shape))
+    x = rng.normal(1.0, 2.0, size=(40, 5)).astype("float32")
+    rebuilt = bnseq.batch_normalize(model, options, data=x, batch_size=8)
+    bns = [layer for layer in rebuilt.layers if isinstance(layer, layers.BatchNormalization)]
+    assert len(bns) == 3 and all(getattr(bn, key) == value for bn in bns for key, value in options.items())
+    assert relative_error(model, rebuilt, x) < 1e-4
+
+
+def test_batch_normalize_of_an_unbuilt_sequential_with_a_batch_norm():
+    """0.5: AttributeError: 'NoneType' object has no attribute 'assign'."""
+    model = keras.Sequential([layers.Dense(4), layers.BatchNormalization(), layers.Dense(2)])
+    rebuilt = bnseq.batch_normalize(model)
+    assert not rebuilt.built
+    rebuilt.build((None, 3))
+    assert [type(layer).__name__ for layer in rebuilt.layers] == [
+        "Dense", "BatchNormalization", "Dense", "BatchNormalization"
+    ]
+    assert not rebuilt.layers[0].use_bias
+
+
+@pytest.mark.parametrize("strict", ["no", 1, None])
+def test_fold_strict_must_be_a_bool(strict):
+    model = bnseq.Sequential([keras.Input((3,)), layers.Dense(2)], batch_norm=True)
+    with pytest.raises(TypeError, match=r"`strict` must be True or False\. Received: strict="):
+        bnseq.fold(model, strict=strict)
+
+
+def test_bn003_after_time_distributed_channels_first_convolution():
+    """0.5 took axis=-1 there without a word, and lint was silent."""
+    inputs = keras.Input((3, 2, 6, 6))
+    conv = layers.TimeDistributed(layers.Conv2D(6, 1, use_bias=False, data_format="channels_first"))(inputs)
+    model = keras.Model(inputs, layers.BatchNormalization(axis=-1, name="bn")(conv))  # width 6 == channels 6
+    findings = bnseq.lint(model)
+    assert [(finding.code, finding.layer) for finding in findings] == [("BN003", "bn")]
+    assert "axis=2" in findings[0].message
+
+
+def test_batch_normalize_leaves_a_batch_norm_shared_by_two_layers_shared():
+    """0.5 crashed with Keras's "name used 2 times"."""
+    rng = np.random.default_rng(12)
+    a, b = keras.Input((3,), name="a"), keras.Input((3,), name="b")
+    shared = layers.BatchNormalization(name="shared_bn")
+    left = shared(layers.Dense(4, name="left")(a))
+    right = shared(layers.Dense(4, name="right")(b))
+    model = keras.Model([a, b], layers.Add()([left, right]))
+    randomize_statistics(model)
+    x = [rng.standard_normal((16, 3)).astype("float32") for _ in range(2)]
+    rebuilt = bnseq.batch_normalize(model, data=x, batch_size=8)
+    assert rebuilt.get_layer("shared_bn") is shared
+    assert len([node for node in shared._inbound_nodes]) >= 2
+    assert relative_error(model, rebuilt, x) < 1e-4
+    assert not any(finding.code == "BN001" for finding in bnseq.lint(rebuilt))

@@ -227,7 +227,7 @@ def _plan(graph, options, batch_norm, keep, model_name):
             copy.kernel.assign(kernel.astype(keras.backend.standardize_dtype(copy.kernel.dtype)))
             biases[id(target)] = bias
         for existing, new_bn, layer in corrected:
-            if _same_shapes(existing, new_bn):
+            if existing.built and _same_shapes(existing, new_bn):  # unbuilt: no statistics to carry yet
                 # BN(Wx + b) with mean m is BN(Wx) with mean m - b: the taken-over layer keeps its output.
                 mean = keras.ops.convert_to_numpy(existing.moving_mean).astype(np.float64) - biases[id(layer)]
                 new_bn.moving_mean.assign(mean.astype(keras.backend.standardize_dtype(new_bn.moving_mean.dtype)))
@@ -263,8 +263,27 @@ def _keep_predictions(model, inserted, batches):
 
 
 def _set_affine(bn, bias):
+    """Make `bn` give back `x + bias` in inference, keeping as much of its moving statistics as it can.
+
+    With `gamma = sqrt(v + epsilon)` and `beta = m + bias` it does for any
+    statistics `m`, `v`. Without a `gamma` (`scale=False`) the variance is
+    set to `1 - epsilon` instead; without a `beta` (`center=False`) the mean
+    is set to `-bias`: the output is the same, and `fit` measures them anew.
+    """
     mean = keras.ops.convert_to_numpy(bn.moving_mean).astype(np.float64)
     variance = keras.ops.convert_to_numpy(bn.moving_variance).astype(np.float64)
+    if not bn.scale:
+        if not bn.epsilon < 1.0:
+            raise ValueError(
+                f"batch_normalize(data=...) cannot keep the predictions through {kinds.describe(bn)}: it has "
+                f"scale=False and epsilon={bn.epsilon} >= 1, so it always divides by more than 1. Use a smaller "
+                "epsilon or scale=True."
+            )
+        variance = np.full_like(variance, 1.0 - bn.epsilon)
+        bn.moving_variance.assign(variance.astype(keras.backend.standardize_dtype(bn.moving_variance.dtype)))
+    if not bn.center:
+        mean = np.broadcast_to(-np.asarray(bias, np.float64), mean.shape).copy()
+        bn.moving_mean.assign(mean.astype(keras.backend.standardize_dtype(bn.moving_mean.dtype)))
     if bn.scale:
         bn.gamma.assign(np.sqrt(variance + bn.epsilon).astype(bn.gamma.dtype))
     if bn.center:
@@ -295,7 +314,9 @@ def _existing_batch_norm(graph, layer):
     Either `layer -> BatchNormalization` (after the layer's own activation,
     if it has one), or, when the layer's own activation is the identity,
     `layer -> activation layer -> BatchNormalization`; each step the only
-    user of the one before, all in the same model. `(None, False)` if none.
+    user of the one before, all in the same model, the BatchNormalization
+    called once (one shared by several layers stays theirs, as it is).
+    `(None, False)` if none.
     """
     parent = graph.parents.get(id(layer))
     step = layer
@@ -307,6 +328,8 @@ def _existing_batch_norm(graph, layer):
         if graph.parents.get(id(following)) is not parent:
             return None, False
         if isinstance(following, keras.layers.BatchNormalization):
+            if graph.calls_of(following) != 1:  # shared by several layers: it cannot become one's own
+                return None, False
             return following, step is not layer or not kinds.is_identity(layer.activation)
         if step is not layer or not isinstance(following, kinds.ACTIVATION_LAYERS):
             return None, False

@@ -10,6 +10,7 @@ weights, the BatchNormalization (and an Activation merged back) dropped, and
 import os
 
 import keras
+import numpy as np
 
 from bnseq import probes
 from bnseq.changing import rewrite
@@ -105,6 +106,8 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
             "fold expects a keras.Model or the path of a .keras file. "
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(f"`strict` must be True or False. Received: strict={strict!r}")
     model = files.as_model(model, safe_mode=safe_mode)
     if not model.built:
         raise ValueError(
