@@ -597,3 +597,44 @@ def test_batch_normalize_leaves_a_batch_norm_shared_by_two_layers_shared():
     assert len([node for node in shared._inbound_nodes]) >= 2
     assert relative_error(model, rebuilt, x) < 1e-4
     assert not any(finding.code == "BN001" for finding in bnseq.lint(rebuilt))
+
+
+LEAKY_WRITTEN = {
+    "partial leaky_relu": lambda: layers.Activation(
+        functools.partial(keras.activations.leaky_relu, negative_slope=0.05)
+    ),
+    "partial relu slope": lambda: layers.Activation(functools.partial(keras.activations.relu, negative_slope=0.05)),
+    "lambda": lambda: layers.Lambda(lambda t: keras.ops.leaky_relu(t, 0.05)),
+}
+
+
+def _conv_add_then(make_activation):
+    inputs = keras.Input((6, 6, 2))
+    conv = layers.Conv2D(3, 3, padding="same", use_bias=False, name="conv")(inputs)
+    other = layers.Conv2D(3, 1, name="other")(inputs)
+    added = layers.Add()([layers.BatchNormalization(name="bn")(conv), other])
+    model = keras.Model(inputs, make_activation()(added))
+    randomize_statistics(model)
+    return model
+
+
+@pytest.mark.parametrize("written", sorted(LEAKY_WRITTEN))
+def test_the_leaky_relu_fusion_guard_reads_what_the_activation_computes(written, monkeypatch):
+    """0.5 saw LeakyReLU only as a layer or ops.leaky_relu: written as a partial or a Lambda, predict was 6-18% off
+    under TensorFlow with oneDNN. Here the unsound fusion is assumed, to test the decision on any machine."""
+    from bnseq.deciding import fold_plan
+
+    monkeypatch.setattr(fold_plan.probes, "leaky_relu_fusion_is_sound", lambda: False)
+    (decision,) = bnseq.fold_report(_conv_add_then(LEAKY_WRITTEN[written]))
+    assert not decision.folded and "LeakyReLU" in decision.reason
+    (plain,) = bnseq.fold_report(_conv_add_then(lambda: layers.Activation("relu")))
+    assert plain.folded
+
+
+@pytest.mark.parametrize("written", sorted(LEAKY_WRITTEN))
+def test_fold_before_an_add_and_a_leaky_relu_however_written_keeps_predict(written):
+    """On this machine's TensorFlow, oneDNN on or off (.ci/run runs it both ways)."""
+    model = _conv_add_then(LEAKY_WRITTEN[written])
+    x = np.random.default_rng(13).standard_normal((4, 6, 6, 2)).astype("float32")
+    folded = bnseq.fold(model, safe_mode=False)
+    assert relative_error(model, folded, x) < 1e-4

@@ -224,11 +224,33 @@ def _is_add(operation):
 
 
 def _is_leaky_relu(operation):
+    """Whether `operation` may compute a leaky ReLU, decided on what it computes, not how it was written.
+
+    A LeakyReLU layer or op, a ReLU with a negative slope, and an `Activation`
+    whose function, probed on -1 and 1, keeps 1 and lets -1 through scaled
+    (`partial(leaky_relu, 0.05)`, `partial(relu, negative_slope=0.05)`, an
+    ELU too: kept on the safe side). A `Lambda` or a layer that is not
+    Keras's own may compute anything, so it counts as one.
+    """
     if isinstance(operation, keras.layers.LeakyReLU) or type(operation).__name__ == "LeakyRelu":
         return True
     if isinstance(operation, keras.layers.ReLU):
         return bool(operation.negative_slope)
-    return isinstance(operation, keras.layers.Activation) and operation.activation is keras.activations.leaky_relu
+    if isinstance(operation, keras.layers.Lambda) or (
+        isinstance(operation, keras.layers.Layer) and not kinds.is_keras_class(type(operation))
+    ):
+        return True
+    if isinstance(operation, keras.layers.Activation):
+        return _lets_negatives_through(operation.activation)
+    return False
+
+
+def _lets_negatives_through(function):
+    try:
+        values = keras.ops.convert_to_numpy(function(keras.ops.convert_to_tensor([-1.0, 1.0])))
+    except Exception:  # an activation that cannot be probed alone: on the safe side
+        return True
+    return bool(abs(float(values[1]) - 1.0) < 1e-6 and float(values[0]) < 0.0)
 
 
 def _bias_lands_on_the_wrong_axis(layer, shape):
