@@ -638,3 +638,39 @@ def test_fold_before_an_add_and_a_leaky_relu_however_written_keeps_predict(writt
     x = np.random.default_rng(13).standard_normal((4, 6, 6, 2)).astype("float32")
     folded = bnseq.fold(model, safe_mode=False)
     assert relative_error(model, folded, x) < 1e-4
+
+
+def test_an_activation_object_used_in_two_branches_is_not_merged_into_one():
+    """0.5 merged it into the folded Dense: the other branch lost its relu (difference 2.57)."""
+    inputs = keras.Input((4,))
+    relu = layers.Activation("relu", name="relu")
+    left = relu(layers.BatchNormalization(name="bn")(layers.Dense(3, use_bias=False)(inputs)))
+    right = relu(layers.Dense(3)(inputs))
+    model = keras.Model(inputs, layers.Concatenate()([left, right]))
+    randomize_statistics(model)
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded
+    folded = bnseq.fold(model)
+    x = np.random.default_rng(14).standard_normal((16, 4)).astype("float32")
+    assert relative_error(model, folded, x) < 1e-5
+    assert folded.get_layer("relu") is relu
+
+
+def test_under_mixed_precision_the_float32_softmax_stays_float32():
+    """0.5 merged Activation("softmax", dtype="float32") into the bfloat16 Dense: bfloat16 outputs, 1% off."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((6,))
+        hidden = layers.BatchNormalization()(layers.Dense(5, use_bias=False)(inputs))
+        model = keras.Model(inputs, layers.Activation("softmax", dtype="float32", name="probabilities")(hidden))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    randomize_statistics(model)
+    folded = bnseq.fold(model)
+    assert folded.get_layer("probabilities").dtype_policy.name == "float32"
+    x = np.random.default_rng(15).standard_normal((8, 6)).astype("float32")
+    outputs = folded.predict(x, verbose=0)
+    assert outputs.dtype == np.float32
+    np.testing.assert_allclose(outputs.sum(axis=1), 1.0, rtol=1e-6)
+    assert relative_error(model, folded, x) < 2e-2  # bfloat16 inside: the folded kernel is rounded once more

@@ -281,6 +281,11 @@ def activation_after(graph, bn):
     (activation,) = consumers
     if not isinstance(activation, keras.layers.Activation):
         return None
+    if graph.calls_of(activation) != 1:  # one object used in several branches: the others need it too
+        return None
+    producer = graph.sole_producer(bn)
+    if producer is not None and activation.dtype_policy.name != producer.dtype_policy.name:
+        return None  # a float32 softmax after a bfloat16 layer, as mixed precision recommends: kept apart
     if graph.parents.get(id(activation)) is not graph.parents.get(id(bn)):
         return None
     return activation
