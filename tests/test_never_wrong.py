@@ -674,3 +674,25 @@ def test_under_mixed_precision_the_float32_softmax_stays_float32():
     assert outputs.dtype == np.float32
     np.testing.assert_allclose(outputs.sum(axis=1), 1.0, rtol=1e-6)
     assert relative_error(model, folded, x) < 2e-2  # bfloat16 inside: the folded kernel is rounded once more
+
+
+def _dict_model():
+    first, second = keras.Input((3,), name="b"), keras.Input((3,), name="a")  # keys and names disagree
+    merged = layers.Concatenate()([layers.Dense(2, use_bias=False)(first), second])
+    return keras.Model({"first": first, "second": second}, layers.BatchNormalization(name="bn")(merged))
+
+
+def test_recalibrate_matches_a_dict_of_inputs_by_name():
+    """0.5 matched by sorted key order: a misspelled key was accepted and inputs were swapped (mean -5, not 10)."""
+    rng = np.random.default_rng(16)
+    model = _dict_model()
+    first = rng.normal(0.0, 1.0, (20, 3)).astype("float32")
+    second = rng.normal(10.0, 1.0, (20, 3)).astype("float32")
+    for data in ({"first": first, "second": second}, {"b": first, "a": second}):
+        bnseq.recalibrate(model, data, batch_size=10, verbose=0)
+        mean = keras.ops.convert_to_numpy(model.get_layer("bn").moving_mean)
+        np.testing.assert_allclose(mean[2:], second.mean(axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"takes a dict with the keys \['first', 'second'\].*missing \['first'\]"):
+        bnseq.recalibrate(model, {"frist": first, "second": second}, verbose=0)
+    rebuilt = bnseq.batch_normalize(model, data={"b": first, "a": second}, batch_size=10)
+    assert relative_error(model, rebuilt, {"first": first, "second": second}) < 1e-4

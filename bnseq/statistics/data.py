@@ -108,6 +108,29 @@ def _x_of(batch):
     return batch
 
 
+def _by_key(model, x):
+    """A dict batch for a model built on a dict of inputs, as a list in the order of `model.inputs`.
+
+    Matched by the model's own keys, or else by its input tensors' names, as
+    Keras matches them; never by sorted order alone, which would take a
+    misspelled key and swap inputs whose keys and names disagree.
+    """
+    keys = list(model.input)
+    position = {id(tensor): index for index, tensor in enumerate(model.inputs)}
+    if set(x) == set(keys):
+        pairs = [(position[id(model.input[key])], x[key]) for key in keys]
+    else:
+        names = {model.input[key].name: key for key in keys}
+        if set(x) != set(names):
+            raise ValueError(
+                f"{type(model).__name__} '{model.name}' takes a dict with the keys {sorted(keys)}; a batch of the "
+                f"data has the keys {sorted(x)}. Received: missing {sorted(set(keys) - set(x))}, unexpected "
+                f"{sorted(set(x) - set(keys))}"
+            )
+        pairs = [(position[id(model.input[names[name]])], x[name]) for name in names]
+    return [value for _, value in sorted(pairs, key=lambda pair: pair[0])]
+
+
 def model_inputs(model, x, flat=None):
     """A batch as the tensors of `flat.inputs`, as a functional model reads its inputs.
 
@@ -128,6 +151,8 @@ def model_inputs(model, x, flat=None):
             return leaves
         return [tensors]
     references = list(model.inputs)
+    if isinstance(x, dict) and isinstance(model.input, dict):
+        x = _by_key(model, x)
     if isinstance(x, dict) and not isinstance(model.input, dict):
         missing = [tensor.name for tensor in references if tensor.name not in x]
         if missing:
