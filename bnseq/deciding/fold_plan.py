@@ -266,7 +266,8 @@ def _bias_lands_on_the_wrong_axis(layer, shape):
         return False
     if shape is None:
         return True  # unknown: keep the BatchNormalization, to be safe
-    return shape[-1] == shape[1] and not probes.bias_add_is_sound()
+    # An unknown last size (Input((C, None, None))) may equal the channel count at run time.
+    return (shape[-1] is None or shape[-1] == shape[1]) and not probes.bias_add_is_sound()
 
 
 def activation_after(graph, bn):
