@@ -26,6 +26,7 @@ examples, or `BNSEQ_FUZZ_EXAMPLES`), e.g.
 """
 
 import dataclasses
+import functools
 import os
 import tempfile
 import warnings
@@ -54,7 +55,7 @@ ACTIVATIONS = [None, "relu", "tanh"]
 FILTERS = 5
 STEPS = ["linear", "bn", "bn_wrong", "act", "skip", "concat", "shared", "nested", "sequential", "block",
          "permute", "reshape", "flatten", "lambda", "ops_act", "mode_block", "default_block", "counter_block",
-         "named_block"]
+         "named_block", "shared_act"]
 # Activations written as operations (lint reads them as it reads the layers).
 OPS_ACTIVATIONS = [keras.ops.silu, keras.activations.relu, keras.activations.gelu, keras.ops.tanh]
 
@@ -184,6 +185,10 @@ class Drawn:
         layer = self.draw(st.sampled_from([
             lambda name: layers.ReLU(name=name), lambda name: layers.Activation("tanh", name=name),
             lambda name: layers.LeakyReLU(0.1, name=name),
+            lambda name: layers.Activation(functools.partial(keras.activations.leaky_relu, negative_slope=0.05),
+                                           name=name),
+            lambda name: layers.Activation(functools.partial(keras.activations.relu, negative_slope=0.05),
+                                           name=name),
         ]))(self.name("act"))
         self.push(layer(self.current.value), self.current.axis, "nonlinear", layer.name)
 
@@ -211,6 +216,18 @@ class Drawn:
             self.push(value, 1 if self.rank() == 2 else None, "other")
         else:
             self.push(value, self.rank() - 1, "nonlinear" if kind == "default_block" else "bn", block.bn.name)
+
+    def shared_act(self):
+        """One Activation object applied to this tensor and to an earlier one of its shape, then added."""
+        shape = tuple(self.current.value.shape)
+        same = [each for each in self.earlier if tuple(each.value.shape) == shape and each.axis == self.current.axis]
+        if not same:
+            return
+        other = self.draw(st.sampled_from(same))
+        self.use(other)
+        relu = layers.Activation("relu", name=self.name("shared_act"))
+        value = layers.Add(name=self.name("add"))([relu(self.current.value), relu(other.value)])
+        self.push(value, self.current.axis, "other")
 
     def skip(self):
         shape = tuple(self.current.value.shape)
@@ -292,7 +309,8 @@ class Drawn:
         self.push(layers.Flatten(name=self.name("flatten"))(self.current.value), 1, "other")
 
     def lambda_(self):
-        value = layers.Lambda(lambda t: t * 1.5, name=self.name("lambda"))(self.current.value)
+        function = self.draw(st.sampled_from([lambda t: t * 1.5, lambda t: keras.ops.leaky_relu(t, 0.05)]))
+        value = layers.Lambda(function, name=self.name("lambda"))(self.current.value)
         self.push(value, None if self.rank() > 2 else 1, "other")
 
     def use(self, tensor):
@@ -323,10 +341,12 @@ def drawn_models(draw):
             "mode_block": lambda: drawn.hazard_block("mode_block"),
             "default_block": lambda: drawn.hazard_block("default_block"),
             "counter_block": lambda: drawn.hazard_block("counter_block"),
-            "named_block": lambda: drawn.hazard_block("named_block"),
+            "named_block": lambda: drawn.hazard_block("named_block"), "shared_act": drawn.shared_act,
         }[step]()
     if draw(st.booleans()):
         drawn.bn()
+    # The rewrite's options: batch_normalize(data=) must keep predictions without beta or gamma too.
+    drawn.options = {key: draw(st.booleans()) for key in ("center", "scale")}
     return drawn, drawn.model()
 
 
@@ -403,7 +423,7 @@ def test_fuzz_every_result_against_its_oracle(case):
 
     # batch_normalize(data=): the same outputs, or its documented refusal.
     try:
-        fixed = bnseq.batch_normalize(model, data=x, batch_size=5)
+        fixed = bnseq.batch_normalize(model, drawn.options, data=x, batch_size=5)
     except ValueError as error:
         assert str(error).startswith("batch_normalize(data=...) cannot keep the predictions"), error
     else:

@@ -178,5 +178,13 @@ def model_inputs(model, x, flat=None):
             value = keras.ops.expand_dims(value, -1)
         elif rank == expected + 1 and value.shape[-1] == 1:
             value = keras.ops.squeeze(value, -1)
+        if len(value.shape) != expected or any(
+            size is not None and got is not None and size != got
+            for size, got in zip(reference.shape[1:], value.shape[1:])
+        ):  # as Keras's own input check refuses it in predict
+            raise ValueError(
+                f"{type(model).__name__} '{model.name}' takes input '{reference.name}' of shape "
+                f"{tuple(reference.shape)}; a batch of the data has shape {tuple(value.shape)}."
+            )
         converted.append(value)
     return converted
