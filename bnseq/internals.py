@@ -118,7 +118,7 @@ def call_context(training):
     of its own takes the context's. No public API sets it without calling a
     layer, and tracing calls `layer.call()`, not the layer. The context is
     entered with no entry layer, so no inner layer's call clears it. Test:
-    tests/test_trace.py::test_traced_in_the_mode_keras_runs_not_the_signature_default.
+    tests/test_never_wrong.py::test_traced_in_the_mode_keras_runs_not_the_signature_default.
     """
     from keras.src.backend.common import global_state
     from keras.src.layers.layer import CallContext
