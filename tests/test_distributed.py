@@ -200,7 +200,7 @@ def _pooled(outs):
     shard_alone = (first["shard"].astype(np.float64) @ first["recalibrated/0"]).mean(axis=0)
     assert np.abs(shard_alone - first["recalibrated/3"]).max() > 0.1  # a shard alone is not the union
     # A failure on one process (its data has the wrong shape) stops both; neither changes anything.
-    assert str(second["failure"]).startswith("ValueError: Input 0")
+    assert str(second["failure"]).startswith("ValueError: Sequential 'sequential' takes input")
     assert str(first["failure"]) == (
         f"ProcessFailure: recalibrate failed on process 1 of 2 ({first['kind']}); this process (rank 0) "
         "stopped with its statistics as they were. The error is in process 1's output."
