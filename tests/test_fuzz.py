@@ -573,3 +573,80 @@ def test_fuzz_a_non_finite_sample_is_never_a_zero_difference(case, bad, where):
     outputs = probes.predicted(model, data_for(model, 5, count=3))
     assert probes.largest_difference([outputs], [np.where(np.arange(outputs.size).reshape(outputs.shape) == 0,
                                                           bad, outputs)]) == (np.inf, np.inf)
+
+
+# Issue 33's classes: dict inputs, mixed precision, unknown channels_first sizes -------------------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Keras warns when a dict's keys are not the input names
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@given(st.permutations(["zeta", "alpha", "mid"]), st.booleans(), st.integers(0, 2 ** 31 - 1))
+def test_fuzz_dict_inputs_are_matched_by_name(names, by_name, seed):
+    """Keys and input names in different orders: recalibrate and batch_normalize(data=) pair them by name."""
+    rng = np.random.default_rng(seed)
+    keys = ["k_b", "k_c", "k_a"]  # the model's keys, none sorted like the names
+    tensors = {key: keras.Input((3,), name=name) for key, name in zip(keys, names)}
+    branches = [layers.Dense(2, use_bias=False)(tensors[key]) for key in keys]
+    merged = layers.Concatenate()(branches)
+    model = keras.Model(tensors, layers.BatchNormalization(name="bn")(merged))
+    shifts = {key: 10.0 * index for index, key in enumerate(keys)}
+    arrays = {key: rng.normal(shifts[key], 1.0, (12, 3)).astype("float32") for key in keys}
+    data = {tensors[key].name: arrays[key] for key in keys} if by_name else arrays
+    bnseq.recalibrate(model, data, batch_size=4, verbose=0)
+    mean = keras.ops.convert_to_numpy(model.get_layer("bn").moving_mean)
+    for index, key in enumerate(keys):
+        kernel = keras.ops.convert_to_numpy(branches[index]._keras_history.operation.kernel)
+        np.testing.assert_allclose(mean[2 * index : 2 * index + 2], (arrays[key] @ kernel).mean(axis=0),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::bnseq.BatchNormPlacementWarning")
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@given(st.lists(st.sampled_from(["dense", "bn", "act"]), min_size=1, max_size=4), st.integers(0, 2 ** 31 - 1))
+def test_fuzz_mixed_precision_keeps_a_float32_softmax_float32(steps, seed):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((4,))
+        x = inputs
+        for step in steps:
+            x = {"dense": lambda t: layers.Dense(3, use_bias=False)(t), "bn": layers.BatchNormalization(),
+                 "act": layers.ReLU()}[step](x)
+        x = layers.BatchNormalization()(layers.Dense(3, use_bias=False)(x))
+        model = keras.Model(inputs, layers.Activation("softmax", dtype="float32")(x))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    randomized(model, seed % 1000)
+    folded = bnseq.fold(model)
+    x = np.random.default_rng(seed).standard_normal((6, 4)).astype("float32")
+    outputs = probes.predicted(folded, x)
+    assert outputs.dtype == np.float32
+    np.testing.assert_allclose(outputs.sum(axis=1), 1.0, rtol=1e-5)
+    assert relative(probes.predicted(model, x), outputs) <= 3e-2  # bfloat16 compute on both sides
+
+
+@pytest.mark.filterwarnings("ignore::bnseq.BatchNormPlacementWarning")
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@given(st.sampled_from(["conv", "transpose", "depthwise"]), st.booleans(), st.integers(0, 2 ** 31 - 1))
+def test_fuzz_channels_first_with_unknown_spatial_sizes(kind, forward, seed):
+    """Input((C, None, None)): fold is exact under predict and eagerly, also where the width equals C."""
+    channels = 4
+    make = {
+        "conv": lambda: layers.Conv2D(channels, 3, padding="same", use_bias=False, data_format="channels_first"),
+        "transpose": lambda: layers.Conv2DTranspose(channels, 3, padding="same", use_bias=False,
+                                                    data_format="channels_first"),
+        "depthwise": lambda: layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                                                    data_format="channels_first"),
+    }[kind]
+    inputs = keras.Input((channels, None, None))
+    if forward:  # a BatchNormalization after an activation folds forward into the convolution after it
+        x = layers.BatchNormalization(axis=1)(layers.ReLU()(make()(inputs)))
+        x = layers.Conv2D(channels, 1, use_bias=False, data_format="channels_first")(x)
+    else:
+        x = layers.BatchNormalization(axis=1)(make()(inputs))
+    model = keras.Model(inputs, x)
+    randomized(model, seed % 1000)
+    folded = bnseq.fold(model)
+    x = np.random.default_rng(seed).standard_normal((2, channels, 5, channels)).astype("float32")
+    for run in (probes.predicted, probes.infer):
+        assert relative(run(model, x), run(folded, x)) <= 1e-4
