@@ -17,7 +17,7 @@ def _hub():
     return keras_hub.models
 
 
-def hgnetv2():
+def hgnetv2(image_shape=(32, 32, 3), **options):
     return _hub().HGNetV2Backbone(
         depths=[1, 1],
         embedding_size=8,
@@ -28,7 +28,8 @@ def hgnetv2():
         stackwise_stage_filters=[(8, 8, 16, 1, 2, 3), (16, 8, 32, 1, 2, 3)],
         apply_downsample=[False, True],
         use_lightweight_conv_block=[False, True],
-        image_shape=(32, 32, 3),
+        image_shape=image_shape,
+        **options,
     )
 
 
@@ -203,21 +204,9 @@ def statistics_errors(model, x):
 def d_fine():
     """D-FINE: its hybrid encoder's call() does not trace; its lateral, FPN and PAN blocks do, on their own."""
     hub = _hub()
-    hgnetv2 = hub.HGNetV2Backbone(
-        depths=[1, 1],
-        embedding_size=8,
-        hidden_sizes=[16, 32],
-        stem_channels=[3, 8, 8],
-        hidden_act="relu",
-        use_learnable_affine_block=False,
-        stackwise_stage_filters=[(8, 8, 16, 1, 2, 3), (16, 8, 32, 1, 2, 3)],
-        apply_downsample=[False, True],
-        use_lightweight_conv_block=[False, True],
-        image_shape=(None, None, 3),
-        out_features=["stage1", "stage2"],
-    )
+    backbone = hgnetv2(image_shape=(None, None, 3), out_features=["stage1", "stage2"])
     return hub.DFineBackbone(
-        backbone=hgnetv2, decoder_in_channels=[16, 16], encoder_hidden_dim=16, num_denoising=0, num_labels=4,
+        backbone=backbone, decoder_in_channels=[16, 16], encoder_hidden_dim=16, num_denoising=0, num_labels=4,
         hidden_dim=16, learn_initial_query=False, num_queries=4, anchor_image_size=(32, 32), feat_strides=[4, 8],
         num_feature_levels=2, encoder_in_channels=[16, 32], encode_proj_layers=[1], num_attention_heads=2,
         encoder_ffn_dim=16, num_encoder_layers=1, hidden_expansion=0.5, depth_multiplier=0.5, eval_idx=-1,

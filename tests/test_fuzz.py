@@ -219,23 +219,27 @@ class Drawn:
 
     def shared_act(self):
         """One Activation object applied to this tensor and to an earlier one of its shape, then added."""
-        shape = tuple(self.current.value.shape)
-        same = [each for each in self.earlier if tuple(each.value.shape) == shape and each.axis == self.current.axis]
-        if not same:
+        other = self.earlier_like_current()
+        if other is None:
             return
-        other = self.draw(st.sampled_from(same))
-        self.use(other)
         relu = layers.Activation("relu", name=self.name("shared_act"))
         value = layers.Add(name=self.name("add"))([relu(self.current.value), relu(other.value)])
         self.push(value, self.current.axis, "other")
 
-    def skip(self):
+    def earlier_like_current(self):
+        """An earlier tensor of the current one's shape and channel axis, drawn and counted as used; or `None`."""
         shape = tuple(self.current.value.shape)
         same = [each for each in self.earlier if tuple(each.value.shape) == shape and each.axis == self.current.axis]
         if not same:
-            return
+            return None
         other = self.draw(st.sampled_from(same))
         self.use(other)
+        return other
+
+    def skip(self):
+        other = self.earlier_like_current()
+        if other is None:
+            return
         value = layers.Add(name=self.name("add"))([self.current.value, other.value])
         self.push(value, self.current.axis, "other")
 

@@ -14,6 +14,7 @@ says how); `runtimes.py` writes and loads the artifact; `quantization.py`
 measures an int8 or float16 export against the float one.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -221,7 +222,8 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
     inputs = probes.random_inputs(model) if sample is None else checking.flat_inputs(model, sample, "sample")
     checked = inputs if quantize is None else checking.flat_inputs(model, data, "data")
     tolerance = _default_rtol(model, quantize) if rtol is None else rtol
-    with quantizing.statistics_restored(model, recalibrate):
+    # recalibrate= works on the model's own statistics: every variable is put back afterwards.
+    with probes.unchanged(model) if recalibrate else contextlib.nullcontext():
         if recalibrate:
             from bnseq.statistics.recalibration import recalibrate as recalibrate_statistics
 

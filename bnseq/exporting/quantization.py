@@ -6,14 +6,12 @@ LiteRT: argmax agreement, mean relative difference, size and latency beside a
 float export of the same folded model, timed interleaved.
 """
 
-import contextlib
 import dataclasses
 import os
 import tempfile
 
 import numpy as np
 
-from bnseq import probes
 from bnseq.exporting import runtimes
 
 # For quantized LiteRT exports, of the mean absolute difference over the mean
@@ -95,13 +93,3 @@ def quantization(kind, target, expected, outputs, inputs, names, threads, recali
         recalibrated=bool(recalibrate),
     )
     return quantization, latency
-
-
-@contextlib.contextmanager
-def statistics_restored(model, active):
-    """With `active`, puts every variable of `model` back as it was afterwards (recalibrate changes some)."""
-    if not active:
-        yield
-        return
-    with probes.unchanged(model):
-        yield

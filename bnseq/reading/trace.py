@@ -328,13 +328,12 @@ def _differs(layer, args, kwargs, model, training):
     for want, got in zip(expected, actual):
         if want.shape != got.shape:
             return "its trace returns a different shape than its call()"
-        scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
-        difference = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
-        if not difference / scale <= TOLERANCE:  # NaN counts as different
+        _, relative = probes.largest_difference([want], [got])  # NaN or infinity: infinitely different
+        if not relative <= TOLERANCE:
             mode = "training" if training else "inference"
             return (
                 f"its trace computes differently from its call() on a random input in {mode} (relative "
-                f"difference {difference / scale:.2g})"
+                f"difference {relative:.2g})"
             )
     return ""
 
