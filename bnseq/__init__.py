@@ -4,6 +4,10 @@ __version__ = "0.5.0"
 
 from bnseq import callbacks
 from bnseq.changing.convert import batch_normalize
+from bnseq.changing.freezing import FreezeReport
+from bnseq.changing.freezing import FrozenBatchNormalization
+from bnseq.changing.freezing import freeze
+from bnseq.changing.freezing import unfreeze
 from bnseq.changing.folding import fold
 from bnseq.changing.folding import fold_with_report
 from bnseq.changing.layers import BatchNormalization
@@ -29,6 +33,8 @@ __all__ = [
     "ExportReport",
     "Finding",
     "FoldDecision",
+    "FreezeReport",
+    "FrozenBatchNormalization",
     "PlatformWarning",
     "Recalibration",
     "RecalibrationReport",
@@ -40,8 +46,10 @@ __all__ = [
     "fold",
     "fold_report",
     "fold_with_report",
+    "freeze",
     "lint",
     "recalibrate",
+    "unfreeze",
     "with_batch_norm",
     "without_batch_norm",
 ]

@@ -174,3 +174,39 @@ def set_tracked(layer, name, value):
                 layer._tracker.lock()
     else:
         setattr(layer, name, value)
+
+
+def optimizer_built_with(optimizer):
+    """The model variables a built optimizer updates (`_trainable_variables`), or `None` if it is not built.
+
+    A JAX train step hands the optimizer exactly these, and every optimizer
+    refuses a variable it was not built with; no public API lists them. Test:
+    tests/test_freeze.py (freeze and unfreeze after fit, on every backend).
+    """
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return None
+    inner = getattr(optimizer, "inner_optimizer", None)  # a LossScaleOptimizer: the one that holds the variables
+    return list((inner or optimizer)._trainable_variables)
+
+
+def compiled_trainable_state(model):
+    """`id(layer)` -> the `trainable` each layer had when `model` was compiled, or `None` where Keras keeps none.
+
+    Keras 3.15 keeps it (`_compiled_trainable_state`) to warn in `fit` that a
+    change needs a new `compile`; Keras 3.14 keeps nothing. Test:
+    tests/test_freeze.py (BN006).
+    """
+    kept = getattr(model, "_compiled_trainable_state", None)
+    if kept is None:
+        return None
+    return {id(layer): trainable for layer, trainable in kept.items()}
+
+
+def note_trainable_state_compiled(model):
+    """Tell Keras the model's train step is ready for its layers' current `trainable` (see above).
+
+    After `bnseq.freeze` has reset the train step, Keras's warning to compile
+    again would be wrong.
+    """
+    if getattr(model, "_compiled_trainable_state", None) is not None:
+        model._compiled_trainable_state = {layer: layer.trainable for layer in model._flatten_layers()}

@@ -16,6 +16,12 @@ with a tiny computation instead of being assumed from a version number.
   it was (weights, statistics, seeds, counters, recurrent states).
 - `largest_difference(expected, actual)`: the one measure every check
   reports, in which a NaN or an infinity is never a zero difference.
+- `recorded_training_is_overridden(nested)`: Keras 3.0 to 3.15 run a layer
+  that a functional model recorded as called with `training=False` in
+  training mode when the model itself is called with `training=True`, as
+  `fit` calls it (keras-team/keras#20285): the transfer-learning guide's
+  `base(x, training=False)` and `BatchNormalization()(x, training=False)`
+  both train statistics. Keras master keeps the recorded value.
 - `channels_first_runs()`: TensorFlow has CPU kernels for channels_first (NCHW)
   convolutions and pooling only through oneDNN, which it turns on by default
   only on CPUs with AVX-512 (keras-team/keras#23650). Elsewhere `model(x)`,
@@ -75,6 +81,30 @@ def leaky_relu_fusion_is_sound():
     eager = computation(image, other).numpy()
     graph = tf.function(computation, autograph=False)(image, other).numpy()
     return bool(np.allclose(eager, graph, rtol=1e-5, atol=1e-6))
+
+
+@functools.cache
+def recorded_training_is_overridden(nested=False):
+    """Whether this Keras runs a recorded `training=False` in training mode when `fit` calls the model.
+
+    `nested=False` probes `BatchNormalization()(x, training=False)` written in a
+    functional model; `nested=True` probes a model called as `base(x,
+    training=False)` inside another. The probe's own layers are named, so no
+    automatic name of the user's layers moves; its statistics are its own.
+    """
+    inputs = keras.Input((1,), name="bnseq_probe_input")
+    batch_norm = keras.layers.BatchNormalization(name="bnseq_probe_batch_norm")
+    if nested:
+        inner_input = keras.Input((1,), name="bnseq_probe_inner_input")
+        inner = keras.Model(inner_input, batch_norm(inner_input), name="bnseq_probe_inner")
+        model = keras.Model(inputs, inner(inputs, training=False), name="bnseq_probe")
+    else:
+        model = keras.Model(inputs, batch_norm(inputs, training=False), name="bnseq_probe")
+    batch = np.array([[1.0], [3.0]], dtype="float32")
+    # Inference mode with the initial statistics (mean 0, variance 1) gives the batch back;
+    # training mode normalizes it to about -1 and 1.
+    result = keras.ops.convert_to_numpy(model(batch, training=True))
+    return not np.allclose(result, batch, atol=1e-2)
 
 
 @functools.cache
