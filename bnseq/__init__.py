@@ -18,6 +18,9 @@ from bnseq.deciding.findings import Finding
 from bnseq.deciding.findings import lint
 from bnseq.deciding.fold_plan import FoldDecision
 from bnseq.deciding.fold_plan import fold_report
+from bnseq.deciding.overview import Summary
+from bnseq.deciding.overview import SummaryRow
+from bnseq.deciding.overview import summary
 from bnseq.exporting.exporter import ExportReport
 from bnseq.exporting.exporter import ToleranceError
 from bnseq.exporting.exporter import export
@@ -39,6 +42,8 @@ __all__ = [
     "Recalibration",
     "RecalibrationReport",
     "Sequential",
+    "Summary",
+    "SummaryRow",
     "ToleranceError",
     "batch_normalize",
     "callbacks",
@@ -49,6 +54,7 @@ __all__ = [
     "freeze",
     "lint",
     "recalibrate",
+    "summary",
     "unfreeze",
     "with_batch_norm",
     "without_batch_norm",

@@ -4,6 +4,7 @@ import collections.abc
 
 import keras
 
+from bnseq.reading import holding
 from bnseq.statistics import data as data_module
 from bnseq.statistics import recalibration
 
@@ -46,6 +47,10 @@ class Recalibrate(keras.callbacks.Callback):
             epoch; an int `n` after every `n`-th epoch (the first `n - 1`
             validations then see the moving statistics).
         cache_limit: int or `"auto"`, as `bnseq.recalibrate` takes it.
+        include_frozen: bool, as `bnseq.recalibrate` takes it: by default a
+            BatchNormalization frozen for fine-tuning (`bnseq.freeze`,
+            `trainable=False`) keeps its statistics. If every one is frozen,
+            `fit` is refused before its first step.
 
     Attributes:
         reports: list of `(epoch, RecalibrationReport)`, one per
@@ -65,7 +70,9 @@ class Recalibrate(keras.callbacks.Callback):
         [0, 1]
     """
 
-    def __init__(self, data, *, batch_size=None, steps=None, frequency="epoch", cache_limit="auto"):
+    def __init__(
+        self, data, *, batch_size=None, steps=None, frequency="epoch", cache_limit="auto", include_frozen=False
+    ):
         super().__init__()
         data_module.check_batching(batch_size, steps)
         data_module.check_data(data)
@@ -86,11 +93,21 @@ class Recalibrate(keras.callbacks.Callback):
                 f"frequency={frequency!r}"
             )
         self.data, self.batch_size, self.steps = data, batch_size, steps
-        self.frequency, self.cache_limit = frequency, cache_limit
+        if not isinstance(include_frozen, bool):
+            raise TypeError(f"Recalibrate: `include_frozen` must be True or False. Received: {include_frozen!r}")
+        self.frequency, self.cache_limit, self.include_frozen = frequency, cache_limit, include_frozen
         self.reports = []
         self._fitting, self._trained, self._epoch = False, False, None
 
     def on_train_begin(self, logs=None):
+        if not self.include_frozen:
+            layers = [layer for layer, _ in holding.batch_norms_with_paths(self.model)]
+            if layers and all(holding.statistics_held(layer) for layer in layers):
+                raise ValueError(
+                    f"Recalibrate: every BatchNormalization of model {self.model.name!r} has frozen statistics "
+                    "(trainable=False or bnseq.freeze), so the callback would have nothing to set. Pass "
+                    "include_frozen=True to recalibrate them anyway, or leave the callback out."
+                )
         self._fitting, self._trained, self._epoch = True, False, None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -125,6 +142,7 @@ class Recalibrate(keras.callbacks.Callback):
             steps=self.steps,
             verbose=0,
             cache_limit=self.cache_limit,
+            include_frozen=self.include_frozen,
         )
         self.reports.append((epoch, report))
         self._trained = False

@@ -1,6 +1,7 @@
-"""The `bnseq` command line: `bnseq demo | lint | fold | recalibrate | export`."""
+"""The `bnseq` command line: `bnseq demo | lint | summary | fold | recalibrate | export`."""
 
 import argparse
+import dataclasses
 import json
 import os
 import stat
@@ -55,6 +56,20 @@ def _parser():
         "objects with file, layer, code, message and producer",
     )
     lint.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
+    summary = commands.add_parser(
+        "summary",
+        help="a table of every BatchNormalization: its mode under fit, its fold, its findings",
+        description="Print one row per BatchNormalization of a .keras file (inside traced subclassed "
+        "layers too): where it is, its axis, what fit will do with it (trains statistics, frozen, "
+        "inference, or a training=False this Keras overrides), what fold will do with it, and its lint "
+        "codes. Exit status: 0 when printed, 2 when the file cannot be read.",
+    )
+    summary.add_argument("path", metavar="PATH", help="a .keras file")
+    summary.add_argument("--batch-size", type=_positive, help="the batch size fit will use (for BN008)")
+    summary.add_argument(
+        "--format", choices=("text", "json"), default="text", help="text (the default): the table; json: the rows"
+    )
+    summary.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     fold = commands.add_parser(
         "fold",
         help="fold BatchNormalization into the layers before it, for inference",
@@ -164,6 +179,8 @@ def main(argv=None):
         return demo.run(epochs=args.epochs, seed=args.seed, out=args.out)
     if args.command == "lint":
         return _lint(args.paths, args.format, not args.unsafe)
+    if args.command == "summary":
+        return _summary(args)
     commands = {"fold": _fold, "export": _export, "recalibrate": _recalibrate}
     if args.command not in commands:
         parser.print_help()
@@ -301,6 +318,18 @@ def _lint(paths, output_format, safe_mode):
     if failed:
         return 2
     return 1 if results else 0
+
+
+def _summary(args):
+    try:
+        table = bnseq.summary(args.path, safe_mode=not args.unsafe, batch_size=args.batch_size)
+    except (OSError, ValueError) as error:
+        return _fail(first_line(error))
+    if args.format == "json":
+        print(json.dumps([dataclasses.asdict(row) for row in table], indent=2))
+    else:
+        print(table)
+    return 0
 
 
 def _fold(args):

@@ -303,3 +303,61 @@ def test_unfreeze_undoes_freeze_exactly_and_respects_a_frozen_parent():
     model.get_layer("base").trainable = False
     report = bnseq.unfreeze(model)
     assert not bn.trainable and "left frozen" in report[0].note
+
+
+# recalibrate and the Recalibrate callback leave a frozen layer alone ----------------------------
+
+
+def two_batch_norms():
+    inputs = keras.Input((4,), name="x")
+    h = keras.layers.Dense(6, use_bias=False, name="first")(inputs)
+    h = keras.layers.BatchNormalization(name="bn_first")(h)
+    h = keras.layers.Dense(5, use_bias=False, name="second")(keras.layers.Activation("relu")(h))
+    h = keras.layers.BatchNormalization(name="bn_second")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="head")(h), name="two")
+
+
+def test_recalibrate_leaves_a_frozen_layer_alone_unless_asked():
+    model = two_batch_norms()
+    first = model.get_layer("bn_first")
+    bnseq.freeze(model, layers="bn_first")
+    held = values(model)
+    x = data()[0]
+    report = bnseq.recalibrate(model, x, verbose=0)
+    assert [row.batch_norm for row in report] == ["bn_second"] and report.frozen == ("bn_first",)
+    assert "left alone, their statistics frozen: bn_first" in str(report)
+    after = values(model)
+    for path in ("bn_first/moving_mean", "bn_first/moving_variance"):
+        np.testing.assert_array_equal(after[path], held[path])
+    # bn_second's statistics are those of its input with bn_first as it is (frozen, not recalibrated).
+    inner = keras.Model(model.inputs, model.get_layer("second").output)
+    expected = keras.ops.convert_to_numpy(inner.predict(x, verbose=0)).mean(axis=0)
+    np.testing.assert_allclose(after["bn_second/moving_mean"], expected, rtol=1e-5, atol=1e-6)
+    report = bnseq.recalibrate(model, x, verbose=0, include_frozen=True)
+    assert [row.batch_norm for row in report] == ["bn_first", "bn_second"] and report.frozen == ()
+    assert not first.trainable  # still frozen: only its statistics were set, as asked
+
+
+def test_recalibrate_refuses_when_everything_is_frozen():
+    model = two_batch_norms()
+    bnseq.freeze(model)
+    held = values(model)
+    with pytest.raises(ValueError, match="every BatchNormalization.*include_frozen=True"):
+        bnseq.recalibrate(model, data()[0], verbose=0)
+    assert all(np.array_equal(values(model)[path], value) for path, value in held.items())
+
+
+def test_the_recalibrate_callback_keeps_frozen_statistics():
+    model = compiled(two_batch_norms())
+    bnseq.freeze(model, layers=["bn_first"])
+    held = values(model)
+    x, y = data()
+    callback = bnseq.callbacks.Recalibrate(x, batch_size=16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    after = values(model)
+    for path in ("bn_first/moving_mean", "bn_first/moving_variance", "bn_first/gamma"):
+        np.testing.assert_array_equal(after[path], held[path])
+    assert [row.batch_norm for _, report in callback.reports for row in report] == ["bn_second"]
+    bnseq.freeze(model)
+    with pytest.raises(ValueError, match="nothing to set"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[bnseq.callbacks.Recalibrate(x)])

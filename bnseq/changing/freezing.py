@@ -31,6 +31,10 @@ from keras import layers as keras_layers
 
 from bnseq import internals
 from bnseq import kinds
+from bnseq.reading import holding
+from bnseq.reading.holding import affine_held
+from bnseq.reading.holding import state
+from bnseq.reading.holding import statistics_held
 
 # The state a layer had before bnseq first froze it in this process, for `unfreeze`: (class,
 # trainable). Weak keys: a record never keeps a layer alive.
@@ -55,6 +59,8 @@ class FrozenBatchNormalization(keras_layers.BatchNormalization):
         frozen: `"statistics"` or `"affine"`.
         **kwargs: the `keras.layers.BatchNormalization` arguments.
     """
+
+    holds_a_part = True  # how `reading/holding.py` knows the class without importing this floor
 
     def __init__(self, frozen="statistics", **kwargs):
         self.frozen = _checked_part(frozen)
@@ -249,41 +255,9 @@ def unfreeze(model, *, layers=None):
     return _apply(model, chosen, _release)
 
 
-def batch_norms_with_paths(model):
-    """Every BatchNormalization in `model` once, with the names of what holds it: `[(layer, (names...)), ...]`."""
-    found = {}
-
-    def visit(layer, path):
-        for child in internals.child_layers(layer):
-            if id(child) in found:
-                continue
-            here = (*path, child.name)
-            if isinstance(child, keras_layers.BatchNormalization):
-                found[id(child)] = (child, here)
-            else:
-                visit(child, here)
-
-    visit(model, (model.name,))
-    return list(found.values())
-
-
-def holders_of(model):
-    """`id(layer)` -> the models and layers that hold it, outermost (`model`) first, for every layer inside."""
-    holders = {}
-
-    def visit(layer, chain):
-        for child in internals.child_layers(layer):
-            if id(child) not in holders:
-                holders[id(child)] = chain
-                visit(child, (*chain, child))
-
-    visit(model, (model,))
-    return holders
-
-
 def _apply(model, chosen, change):
     """Change each chosen layer, make a compiled model ready for it; undo everything if that fails."""
-    holders = holders_of(model)
+    holders = holding.holders_of(model)
     kept = [(layer, type(layer), layer.trainable, getattr(layer, "frozen", None)) for layer, _ in chosen]
     rows = []
     try:
@@ -345,25 +319,6 @@ def _become(layer, kind, trainable, frozen=None):
         layer._hold()
 
 
-def state(layer):
-    """How a BatchNormalization is held by its own settings: `"trains"`, `"frozen"`, `"statistics frozen"` or `"affine frozen"`."""
-    if not layer.trainable:
-        return "frozen"
-    if isinstance(layer, FrozenBatchNormalization):
-        return f"{layer.frozen} frozen"
-    return "trains"
-
-
-def statistics_held(layer):
-    """Whether a BatchNormalization's own settings hold its moving statistics."""
-    return state(layer) in ("frozen", "statistics frozen")
-
-
-def affine_held(layer):
-    """Whether a BatchNormalization's own settings hold its gamma and beta."""
-    return state(layer) in ("frozen", "affine frozen")
-
-
 def _keras_class(layer):
     """The class a layer frozen whole has: its own, or Keras's for a `FrozenBatchNormalization`."""
     return keras_layers.BatchNormalization if isinstance(layer, FrozenBatchNormalization) else type(layer)
@@ -422,7 +377,7 @@ def rebuilt_optimizer(optimizer, variables):
 
 def _chosen(model, layers, function):
     """The BatchNormalization layers `layers` names in `model`, with their paths; checked before any change."""
-    everything = batch_norms_with_paths(model)
+    everything = holding.batch_norms_with_paths(model)
     if layers is None:
         return everything
     items = layers if isinstance(layers, (list, tuple)) else [layers]

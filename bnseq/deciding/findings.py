@@ -45,6 +45,14 @@ lint says so rather than passing them silently. Subclassed layers that trace
 
 A BatchNormalization fed by anything else (a merge, a pooling layer, a model
 input, several layers) is not a finding.
+
+The fine-tuning rules (`fine_tuning.py`) judge what `fit` will do rather than
+where the layer sits: `BN005`, a recorded `training=False` that the installed
+Keras overrides in `fit` (the transfer-learning guide's `base(x,
+training=False)` in Keras 3.0 to 3.15); `BN006`, `trainable` changed after the
+train step was compiled (TensorFlow still trains the layer, JAX raises);
+`BN007`, a BatchNormalization that trains inside a model or layer frozen
+otherwise; `BN008`, training batches of fewer than 8 examples.
 """
 
 import dataclasses
@@ -52,6 +60,7 @@ import dataclasses
 import keras
 
 from bnseq import kinds
+from bnseq.deciding import fine_tuning
 from bnseq.deciding import rules
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
@@ -64,13 +73,13 @@ class Finding:
     """One misplaced BatchNormalization.
 
     Attributes:
-        code: str. The rule: `BN000` to `BN004`.
+        code: str. The rule: `BN000` to `BN008`.
         layer: str. The BatchNormalization's name; for `BN000`, the name of
             the layer lint cannot see into.
         message: str. What is wrong, what it costs, what to write instead.
         producer: str or None. The name of the layer that feeds the
             BatchNormalization (the same word as `FoldDecision.producer`);
-            `None` for `BN000`.
+            `None` for `BN000` and the fine-tuning rules `BN005` to `BN008`.
     """
 
     code: str
@@ -82,7 +91,7 @@ class Finding:
         return f"{self.layer}: {self.code} {self.message}"
 
 
-def lint(model_or_path, *, safe_mode=True):
+def lint(model_or_path, *, safe_mode=True, batch_size=None):
     """Find misplaced BatchNormalization layers in a model.
 
     Never changes the model. Models nested in the model are read through, so a
@@ -96,6 +105,9 @@ def lint(model_or_path, *, safe_mode=True):
             bnseq's own classes loadable).
         safe_mode: bool. Keras's `safe_mode` for loading a file: `False` for
             a trusted file with `Lambda` layers.
+        batch_size: int, optional. The batch size `fit` will train with,
+            for `BN008` (otherwise only a batch size the model's inputs fix
+            is known).
 
     Returns:
         list of `Finding`, in the model's order; empty when all is well.
@@ -117,7 +129,24 @@ def lint(model_or_path, *, safe_mode=True):
         BN002 bn hidden
     """
     model = files.as_model(model_or_path, safe_mode=safe_mode)
-    return _findings(graph_module.walk(model))
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"lint: `batch_size` is a positive integer. Received: batch_size={batch_size!r}")
+    return lint_graph(model, graph_module.walk(model), batch_size=batch_size)
+
+
+def lint_graph(model, graph, context=None, *, batch_size=None):
+    """Every finding of `model`, read as `graph` (`graph.walk(model)`): placement first, then fine-tuning."""
+    return _findings(graph) + fine_tuning_findings(model, context, batch_size=batch_size)
+
+
+def fine_tuning_findings(model, context=None, *, batch_size=None):
+    """BN005 to BN008 of `model` as `Finding`s (see `fine_tuning.py`)."""
+    return fine_tuning.findings(
+        model,
+        context,
+        batch_size=batch_size,
+        finding=lambda code, layer, message: Finding(code, layer.name, message, None),
+    )
 
 
 def _findings(graph):

@@ -19,6 +19,7 @@ import numpy as np
 
 from bnseq import probes
 from bnseq.reading import graph as graph_module
+from bnseq.reading import holding
 from bnseq.statistics import collective
 from bnseq.statistics import data as data_module
 from bnseq.statistics import segments
@@ -55,11 +56,14 @@ class RecalibrationReport(list):
             this process).
         processes: int. How many processes pooled their data (1 unless
             the run spans several; see `recalibrate`).
+        frozen: tuple of str. The BatchNormalization layers left alone
+            because their statistics are frozen (`include_frozen=False`).
     """
 
-    def __init__(self, rows=(), passes=0.0, cache_peak=0, processes=1):
+    def __init__(self, rows=(), passes=0.0, cache_peak=0, processes=1, frozen=()):
         super().__init__(rows)
         self.passes, self.cache_peak, self.processes = passes, cache_peak, processes
+        self.frozen = tuple(frozen)
 
     def __str__(self):
         width = max([len("BatchNormalization")] + [len(row.batch_norm) for row in self])
@@ -75,17 +79,24 @@ class RecalibrationReport(list):
         )
         if self.processes > 1:
             lines.append(f"statistics pooled over {self.processes} processes, each on its own data")
+        if self.frozen:
+            lines.append(f"left alone, their statistics frozen: {', '.join(self.frozen)}")
         return "\n".join(lines)
 
 
-def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cache_limit="auto"):
+def recalibrate(
+    model, data, *, batch_size=None, steps=None, verbose="auto", cache_limit="auto", include_frozen=False
+):
     """Sets every BatchNormalization's moving statistics to their exact values over `data`.
 
     For each BatchNormalization, `moving_mean` and `moving_variance` become the
     mean and the biased variance of its input over all of `data` (pooled
     over every call of a shared layer), computed in inference mode with every
     BatchNormalization before it already recalibrated. Nothing else in the
-    model changes.
+    model changes. A BatchNormalization whose statistics are frozen
+    (`trainable=False`, or held by `bnseq.freeze`) is left alone unless
+    `include_frozen=True`; the layers after it are measured with its
+    statistics as they are.
 
     Cost: about one pass over `data`. A layer needs the final statistics of
     the BatchNormalization layers before it, so they are measured level by
@@ -140,6 +151,8 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
         cache_limit: int or `"auto"`. Bytes of activations that may be kept
             between segments (on the device the backend computes on);
             `"auto"` is half the memory available when the call starts.
+        include_frozen: bool. Also set the statistics of BatchNormalization
+            layers whose statistics are frozen.
 
     Returns:
         `RecalibrationReport`: one `Recalibration` per BatchNormalization, in
@@ -151,8 +164,9 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             model's inputs, `batch_size`, `steps` or `cache_limit` is not
             valid, a BatchNormalization's input is not finite (NaN or
             infinity: the error names the layer and the batch), or a
-            BatchNormalization takes its own output as input. The model's
-            statistics are then left as they were.
+            BatchNormalization takes its own output as input, or every
+            BatchNormalization is frozen and `include_frozen` is `False`.
+            The model's statistics are then left as they were.
 
     Examples:
         >>> model = bnseq.Sequential(
@@ -167,6 +181,8 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             "recalibrate expects a keras.Model. "
             f"Received: model={model!r} (of type {type(model).__name__})"
         )
+    if not isinstance(include_frozen, bool):
+        raise TypeError(f"recalibrate: `include_frozen` must be True or False. Received: {include_frozen!r}")
     processes = collective.processes_of(model)
     with collective.failures_shared(processes):  # the other processes are told, and stop too
         segments.check_cache_limit(cache_limit)
@@ -177,17 +193,31 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             probes.infer(model, batches[0])
         flat = graph_module.flatten(model)
         in_order = flat.batch_norms()
+        frozen = [] if include_frozen else [layer for layer in in_order if holding.statistics_held(layer)]
+        if frozen and len(frozen) == len(in_order):
+            raise ValueError(
+                f"recalibrate: every BatchNormalization of model {model.name!r} has frozen statistics "
+                f"({len(frozen)}: trainable=False or bnseq.freeze), so there is nothing to set. Pass "
+                "include_frozen=True to set them anyway, or bnseq.unfreeze(model) first."
+            )
+    frozen_ids = {id(layer) for layer in frozen}
     before = {id(layer): _statistics_of(layer) for layer in in_order}
     show = verbose != 0 and in_order and (processes is None or processes.rank == 0)
     progress = keras.utils.Progbar(None, unit_name="step") if show else None
 
     def set_level(layers, stats):
         for layer in layers:
-            stats[id(layer)].assign_to(layer)
+            if id(layer) not in frozen_ids:
+                stats[id(layer)].assign_to(layer)
 
     # Running the data moves what else the model carries (a stateful LSTM's states, a counter in a
     # call(), seed generators): all of it is put back; only the statistics set here stay.
-    statistics = [variable for layer in in_order for variable in (layer.moving_mean, layer.moving_variance)]
+    statistics = [
+        variable
+        for layer in in_order
+        if id(layer) not in frozen_ids
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
     try:
         with probes.unchanged(model, keep=statistics):
             measured = segments.measure(
@@ -207,6 +237,8 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
         raise
     rows = []
     for layer in _as_they_ran(in_order, measured.ran):
+        if id(layer) in frozen_ids:
+            continue
         pooled = measured.stats[id(layer)]
         old_mean, old_variance = (value.astype(np.float64) for value in before[id(layer)])
         if pooled.count == 0:  # never reached by the data (an unused branch): left as it was
@@ -221,7 +253,11 @@ def recalibrate(model, data, *, batch_size=None, steps=None, verbose="auto", cac
             )
         )
     return RecalibrationReport(
-        rows, passes=measured.passes, cache_peak=measured.cache_peak, processes=processes.count if processes else 1
+        rows,
+        passes=measured.passes,
+        cache_peak=measured.cache_peak,
+        processes=processes.count if processes else 1,
+        frozen=[layer.name for layer in frozen],
     )
 
 
