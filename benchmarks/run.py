@@ -25,6 +25,7 @@ BENCHMARKS = {
     "recalibrate": ("Recalibrating statistics", "benchmarks.recalibrate"),
     "export": ("Exported models in their runtimes", "benchmarks.export"),
     "trace": ("Tracing keras-hub blocks", "benchmarks.trace"),
+    "summary": ("bnseq.summary and freeze", "benchmarks.summary"),
 }
 PLOT = "build_time.png"
 

@@ -5,7 +5,8 @@ model rebuilt from per-layer decisions, every other layer carried over as the
 same object); `sequential`, `units`, `marks` and `layers` are the three routes of
 writing BatchNormalization (`bnseq.Sequential`, `with_batch_norm` /
 `without_batch_norm`, `bnseq.BatchNormalization`); `convert` is
-`bnseq.batch_normalize`; `folding` is `bnseq.fold`.
+`bnseq.batch_normalize`; `folding` is `bnseq.fold`; `freezing` is `bnseq.freeze`
+and `bnseq.unfreeze`.
 
 May import: `bnseq.reading`, `bnseq.deciding`, `bnseq.statistics` (to calibrate
 on data) and the cross-cutting modules.

@@ -5,7 +5,8 @@ that `bnseq.Sequential` warns about; `findings` is `bnseq.lint`, which reports
 them over a whole model; `fold_math` is the fold as NumPy functions of weights;
 `fold_plan` decides, for each BatchNormalization, whether it folds back into the
 layer before it, forward into the layer after it, or stays, and why
-(`bnseq.fold_report`).
+(`bnseq.fold_report`); `fine_tuning` decides what `fit` will do with each
+BatchNormalization (lint's BN005-BN008) and `overview` is `bnseq.summary`.
 
 May import: `bnseq.reading` and the cross-cutting modules.
 """
