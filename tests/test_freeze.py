@@ -361,3 +361,29 @@ def test_the_recalibrate_callback_keeps_frozen_statistics():
     bnseq.freeze(model)
     with pytest.raises(ValueError, match="nothing to set"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[bnseq.callbacks.Recalibrate(x)])
+
+
+def test_no_recompile_warning_after_freeze():
+    """Keras 3.15 warns in fit that a changed `trainable` needs a new compile; after freeze it does not."""
+    import warnings
+
+    model = compiled(pretrained("plain"))
+    fit(model)
+    bnseq.freeze(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model)
+    assert not [each for each in caught if "trainable" in str(each.message)]
+
+
+@pytest.mark.parametrize("part", ["statistics", "affine"])
+def test_a_partly_frozen_model_folds_lints_and_summarizes(part):
+    model = pretrained("plain")
+    bnseq.freeze(model, statistics=part == "statistics", affine=part == "affine")
+    folded = bnseq.fold(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    x = data()[0][:8]
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    assert bnseq.lint(model) == []
+    (row,) = bnseq.summary(model)
+    assert row.trains_statistics == (part == "affine") and row.fold == "into conv"

@@ -23,6 +23,7 @@ to the layer stay as they were), which saves and loads as `.keras` where bnseq
 is imported.
 """
 
+import contextlib
 import dataclasses
 import weakref
 
@@ -341,13 +342,13 @@ def _make_ready(model):
         # TensorFlow and PyTorch optimizers update any subset of what they were built with; a JAX train
         # step hands the optimizer exactly the variables it was built with, and none takes a new one.
         if new or (keras.backend.backend() == "jax" and len(trained) != len(known)):
-            model.optimizer = rebuilt_optimizer(optimizer, trained)
+            model.optimizer = rebuilt_optimizer(model, optimizer, trained)
             rebuilt.append("optimizer")
     internals.note_trainable_state_compiled(model)
     return tuple(rebuilt)
 
 
-def rebuilt_optimizer(optimizer, variables):
+def rebuilt_optimizer(model, optimizer, variables):
     """A new optimizer of `optimizer`'s configuration built for `variables`, with its state carried over.
 
     Every optimizer variable (the step count, the learning rate, each
@@ -357,8 +358,10 @@ def rebuilt_optimizer(optimizer, variables):
     with it, and a variable new to the optimizer starts fresh, as it would
     in a new `compile`.
     """
-    fresh = type(optimizer).from_config(optimizer.get_config())
-    fresh.build(variables)
+    strategy = getattr(model, "distribute_strategy", None) if keras.backend.backend() == "tensorflow" else None
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():  # variables where the model's are
+        fresh = type(optimizer).from_config(optimizer.get_config())
+        fresh.build(variables)
     old = {}
     for variable in optimizer.variables:
         old.setdefault(variable.path, []).append(variable)
