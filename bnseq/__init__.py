@@ -4,12 +4,12 @@ __version__ = "0.5.0"
 
 from bnseq import callbacks
 from bnseq.changing.convert import batch_normalize
+from bnseq.changing.folding import fold
+from bnseq.changing.folding import fold_with_report
 from bnseq.changing.freezing import FreezeReport
 from bnseq.changing.freezing import FrozenBatchNormalization
 from bnseq.changing.freezing import freeze
 from bnseq.changing.freezing import unfreeze
-from bnseq.changing.folding import fold
-from bnseq.changing.folding import fold_with_report
 from bnseq.changing.layers import BatchNormalization
 from bnseq.changing.marks import with_batch_norm
 from bnseq.changing.marks import without_batch_norm

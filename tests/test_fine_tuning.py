@@ -18,7 +18,6 @@ from bnseq import probes
 from tests.test_freeze import Block
 from tests.test_freeze import batch_norm_of
 from tests.test_freeze import compiled
-from tests.test_freeze import data
 from tests.test_freeze import fit
 from tests.test_freeze import moved
 from tests.test_freeze import pretrained
@@ -148,7 +147,8 @@ def test_bn008_small_batches_for_layers_that_train_statistics():
     bnseq.freeze(model)
     assert codes(model, batch_size=4) == []  # frozen: the batch size does not reach its statistics
     inputs = keras.Input((4,), batch_size=2)
-    fixed = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(3, use_bias=False)(inputs)))
+    features = keras.layers.Dense(3, use_bias=False)(inputs)
+    fixed = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(features))
     assert codes(fixed) == [("BN008", "bn")]
     with pytest.raises(ValueError, match="positive integer"):
         bnseq.lint(model, batch_size=0)
@@ -249,7 +249,8 @@ def test_no_fine_tuning_false_alarm_on_the_zoo(name):
     found = [finding.code for finding in bnseq.lint(model)]
     assert not set(found) & {"BN005", "BN006", "BN007", "BN008"}
     table = bnseq.summary(model)
-    assert len(table) == len([layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)])
+    batch_norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(table) == len(batch_norms)
     assert all(row.under_fit == "trains statistics" for row in table)
     compiled(model)
     bnseq.freeze(model)

@@ -57,7 +57,10 @@ def part_held(layer):
 
 
 def state(layer):
-    """How a BatchNormalization's own settings hold it: `"trains"`, `"frozen"`, `"statistics frozen"`, `"affine frozen"`."""
+    """How a BatchNormalization's own settings hold it.
+
+    One of `"trains"`, `"frozen"`, `"statistics frozen"`, `"affine frozen"`.
+    """
     if not layer.trainable:
         return "frozen"
     part = part_held(layer)
