@@ -387,3 +387,24 @@ def test_a_partly_frozen_model_folds_lints_and_summarizes(part):
     assert bnseq.lint(model) == []
     (row,) = bnseq.summary(model)
     assert row.trains_statistics == (part == "affine") and row.fold == "into conv"
+
+
+def test_a_failure_while_making_the_model_ready_leaves_it_as_it_was(monkeypatch):
+    from bnseq.changing import freezing
+
+    model = compiled(pretrained("plain"))
+    bnseq.freeze(model)
+    fit(model)  # the optimizer is built without gamma and beta: unfreeze must rebuild it
+
+    def refuse(*args):
+        raise ValueError("cannot rebuild")
+
+    monkeypatch.setattr(freezing, "rebuilt_optimizer", refuse)
+    optimizer = model.optimizer
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        bnseq.unfreeze(model)
+    bn = batch_norm_of(model)
+    assert not bn.trainable and type(bn) is keras.layers.BatchNormalization and model.optimizer is optimizer
+    monkeypatch.undo()
+    bnseq.unfreeze(model)  # the record of its state before the first freeze is still there
+    assert bn.trainable

@@ -260,6 +260,7 @@ def _apply(model, chosen, change):
     """Change each chosen layer, make a compiled model ready for it; undo everything if that fails."""
     holders = holding.holders_of(model)
     kept = [(layer, type(layer), layer.trainable, getattr(layer, "frozen", None)) for layer, _ in chosen]
+    records = {id(layer): _BEFORE.get(layer) for layer, _ in chosen}
     rows = []
     try:
         for layer, path in chosen:
@@ -273,6 +274,10 @@ def _apply(model, chosen, change):
     except Exception:
         for layer, kind, trainable, frozen in kept:
             _become(layer, kind, trainable, frozen)
+            if records[id(layer)] is None:
+                _BEFORE.pop(layer, None)
+            else:
+                _BEFORE[layer] = records[id(layer)]
         raise
     return FreezeReport(rows, rebuilt)
 
