@@ -126,9 +126,10 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
         )
     plan = rewrite.Plan("fold", _plain_sequential)
     backward, forward, layers_by_id = {}, {}, {}
-    for bn, producer, _, consumer in decisions:
+    for bn, producer, decision, consumer in decisions:
         if producer is not None:
-            activation = fold_plan.activation_after(graph, bn)
+            # Through a pooling layer, an activation after the BatchNormalization stays after the pooling.
+            activation = None if decision.through is not None else fold_plan.activation_after(graph, bn)
             backward[id(producer)] = (bn, activation)
             layers_by_id[id(producer)] = producer
             plan.drop.add(id(bn))

@@ -9,12 +9,14 @@ layers; they build nothing (`changing/folding.py` applies them).
 import dataclasses
 
 import keras
+import numpy as np
 
 from bnseq import kinds
 from bnseq import probes
 from bnseq.deciding import fold_math
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
+from bnseq.reading import layout
 from bnseq.reading import partial
 
 
@@ -32,6 +34,11 @@ class FoldDecision:
         into: str or None. The layer after it that it folds into, when it
             folds forward (it follows an activation or another layer that is
             not linear, and feeds only a linear layer); `None` otherwise.
+        through: str or None. For one that follows a pooling layer fed by a
+            linear layer: the pooling layer it moves before (a per-channel
+            affine map commutes with averaging, and with a maximum where its
+            scale is not negative) to fold into that linear layer, which
+            `producer` then names; `None` otherwise.
     """
 
     batch_norm: str
@@ -39,10 +46,13 @@ class FoldDecision:
     folded: bool
     reason: str
     into: object = None
+    through: object = None
 
     def __str__(self):
         if self.folded and self.into is not None:
             return f"{self.batch_norm}: folded forward into {self.into}"
+        if self.folded and self.through is not None:
+            return f"{self.batch_norm}: folded into {self.producer}, moved before {self.through}"
         if self.folded:
             return f"{self.batch_norm}: folded into {self.producer}"
         return f"{self.batch_norm}: kept, {self.reason}"
@@ -86,6 +96,13 @@ def decide(graph):
     where it cannot, forward into the linear layer that alone takes its output.
     """
     decisions = []
+    axes = {}
+
+    def axes_of_graph():  # the channel axes, worked out once, where a fold through pooling asks
+        if not axes:
+            axes.update(layout.axes_of_graph(graph))
+        return axes
+
     for layer in graph.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
             if graph.hidden_batch_norms(layer):
@@ -97,6 +114,14 @@ def decide(graph):
         if reason is None:
             decisions.append((layer, producer, FoldDecision(layer.name, name, True, ""), None))
             continue
+        linear, why_not_through = through_pooling(graph, producer, layer, axes_of_graph)
+        if linear is not None:
+            decisions.append(
+                (layer, linear, FoldDecision(layer.name, linear.name, True, "", through=kinds.describe(producer)), None)
+            )
+            continue
+        if why_not_through:
+            reason += f"; nor through it: {why_not_through}"
         consumer, why_not_forward_reason = forward_target(graph, layer)
         if consumer is not None:
             decisions.append((layer, None, FoldDecision(layer.name, name, True, "", into=consumer.name), consumer))
@@ -132,6 +157,76 @@ def _inside(graph, layer):
     for bn in unseen:
         decisions.append((bn, None, FoldDecision(bn.name, layer.name, False, where), None))
     return decisions
+
+
+_AVERAGING = (
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+)
+_MAXIMUM = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+)
+
+
+def through_pooling(graph, pool, bn, axes_of_graph):
+    """(the linear layer `bn` folds into through pooling layer `pool`, None), or (None, why not or "").
+
+    Pooling acts on each channel alone, so a per-channel affine map `scale * x
+    + shift` after it equals the same map before it: exactly for averages
+    (the weights of an average sum to 1, padded positions included or not),
+    and for a maximum where every channel's `scale` is 0 or more. Moved
+    before the pooling, the BatchNormalization folds into the linear layer
+    there, as it would right after it. `axes_of_graph()` gives the graph's
+    channel axes (`layout.axes_of_graph`).
+    """
+    if pool is None or not isinstance(pool, _AVERAGING + _MAXIMUM) or not kinds.is_keras_class(type(pool)):
+        return None, ""
+    linear = graph.sole_producer(pool)
+    if linear is None or not kinds.is_linear(linear):
+        return None, ""
+    described = kinds.describe(linear)
+    if not kinds.is_identity(linear.activation):
+        return None, f"{described} applies its activation before {kinds.describe(pool)}"
+    if not graph.feeds_only(pool, bn) or graph.calls_of(pool) != 1:
+        return None, f"the output of {kinds.describe(pool)} is also used elsewhere"
+    if not graph.feeds_only(linear, pool):
+        return None, f"the output of {described} is also used elsewhere"
+    if not graph.parents.get(id(linear)) is graph.parents.get(id(pool)) is graph.parents.get(id(bn)):
+        return None, f"{described} is in a different model"
+    rank = kinds.output_rank(linear)
+    channels = kinds.channel_axis(linear) % rank
+    pooled = 1 if getattr(pool, "data_format", "channels_last") == "channels_first" else rank - 1
+    if channels != pooled:
+        return None, f"{kinds.describe(pool)} pools along the channel axis of {described}"
+    shape = graph.output_shape(bn)
+    expected = axes_of_graph().get(id(bn))
+    if shape is None or expected is None or not kinds.same_axis(bn.axis, expected, len(shape)):
+        return None, f"its axis {bn.axis} is not the channel axis of {described}"
+    if isinstance(pool, _MAXIMUM):
+        scale, _ = fold_math.affine_of(bn)
+        negative = [int(index) for index in np.flatnonzero(scale < 0)]
+        if negative:
+            listed = ", ".join(str(index) for index in negative[:8]) + (" ..." if len(negative) > 8 else "")
+            return None, (
+                f"a maximum commutes with its scale only where the scale is not negative, and channel"
+                f"{'s' if len(negative) > 1 else ''} {listed} of its {len(scale)} "
+                f"{'have' if len(negative) > 1 else 'has'} a negative gamma / sqrt(variance + epsilon)"
+            )
+    if _bias_lands_on_the_wrong_axis(linear, graph.output_shape(linear)):
+        return None, f"{described} would need a bias this backend adds on the wrong axis"
+    why = kinds.why_not_copied(linear)
+    if why is not None:
+        return None, f"{described} cannot be re-created from its config: {why}"
+    return linear, None
 
 
 def forward_target(graph, bn):

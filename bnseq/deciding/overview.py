@@ -141,6 +141,8 @@ def _fold(decision):
         return "kept: fold does not reach it"
     if decision.folded and decision.into is not None:
         return f"forward into {decision.into}"
+    if decision.folded and decision.through is not None:
+        return f"into {decision.producer}, moved before {decision.through}"
     if decision.folded:
         return f"into {decision.producer}"
     return f"kept: {decision.reason}"

@@ -1,0 +1,158 @@
+"""`bnseq.fold` through pooling: a BatchNormalization after a pooling layer fed by a linear layer folds into it.
+
+Issue 31's first placements: after AveragePooling (always exact: an average of `scale * x + shift`
+is `scale * average + shift`) and after MaxPooling (exact where every channel's scale is not
+negative; otherwise kept, naming the channels), global pooling included, in 1-D, 2-D and 3-D, both
+data formats, on random statistics with signed gamma, measured as `predict` runs the model.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import bnseq
+from bnseq import probes
+
+CONVOLUTIONS = {1: layers.Conv1D, 2: layers.Conv2D, 3: layers.Conv3D}
+POOLS = {
+    "average": {1: layers.AveragePooling1D, 2: layers.AveragePooling2D, 3: layers.AveragePooling3D},
+    "max": {1: layers.MaxPooling1D, 2: layers.MaxPooling2D, 3: layers.MaxPooling3D},
+    "global_average": {
+        1: layers.GlobalAveragePooling1D,
+        2: layers.GlobalAveragePooling2D,
+        3: layers.GlobalAveragePooling3D,
+    },
+    "global_max": {1: layers.GlobalMaxPooling1D, 2: layers.GlobalMaxPooling2D, 3: layers.GlobalMaxPooling3D},
+}
+
+
+def statistics(model, seed=0, signed=True):
+    """Random statistics; gamma of both signs unless `signed=False` (then positive)."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, channels))
+            layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
+            magnitude = rng.uniform(0.5, 1.5, channels)
+            layer.gamma.assign(magnitude * (rng.choice([-1.0, 1.0], channels) if signed else 1.0))
+            layer.beta.assign(rng.normal(0, 0.5, channels))
+    return model
+
+
+def pooled(rank, pool, data_format, padding="valid", bias=False, activation="tanh"):
+    spatial = (6,) * rank
+    channels = 3
+    shape = (channels, *spatial) if data_format == "channels_first" else (*spatial, channels)
+    inputs = keras.Input(shape)
+    x = CONVOLUTIONS[rank](4, 3, padding="same", use_bias=bias, data_format=data_format, name="conv")(inputs)
+    options = {"data_format": data_format}
+    if not pool.startswith("global"):
+        options.update(pool_size=2, padding=padding)
+    x = POOLS[pool][rank](name="pool", **options)(x)
+    axis = 1 if data_format == "channels_first" and not pool.startswith("global") else -1
+    x = layers.BatchNormalization(axis=axis, name="bn")(x)
+    if activation:
+        x = layers.Activation(activation, name="act")(x)
+    return keras.Model(inputs, x)
+
+
+def predict_error(model, folded, seed=1):
+    x = probes.random_inputs(model, batch_size=4, seed=seed)[0]
+    expected = probes.predicted(model, x)
+    actual = probes.predicted(folded, x)
+    return float(np.max(np.abs(expected - actual)) / np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("pool", ["average", "global_average"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_after_average_pooling_folds_exactly(rank, pool, data_format):
+    model = statistics(pooled(rank, pool, data_format, padding="same" if rank == 2 else "valid"))
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded and decision.producer == "conv" and "'pool'" in decision.through, decision
+    assert str(decision).startswith("bn: folded into conv, moved before ")
+    folded = bnseq.fold(model)
+    names = [layer.name for layer in folded.layers]
+    assert "bn" not in names and "pool" in names and "act" in names  # the activation stays after the pooling
+    assert predict_error(model, folded) <= 1e-5
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("pool", ["max", "global_max"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_after_max_pooling_folds_where_every_scale_is_not_negative(rank, pool, data_format):
+    model = statistics(pooled(rank, pool, data_format), signed=False)
+    model.get_layer("bn").gamma.assign(np.array([1.0, 0.0, 0.5, 2.0], "float32"))  # a zero scale commutes too
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded and decision.through is not None
+    assert predict_error(model, bnseq.fold(model)) <= 1e-5
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_max_pooling_with_a_negative_scale_is_kept_naming_the_channels(data_format):
+    model = statistics(pooled(2, "max", data_format), signed=False)
+    model.get_layer("bn").gamma.assign(np.array([1.0, -0.5, 0.5, -2.0], "float32"))
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded
+    assert "nor through it: a maximum commutes with its scale only where the scale is not negative" in decision.reason
+    assert "channels 1, 3 of its 4 have a negative gamma" in decision.reason
+    folded = bnseq.fold(model)
+    assert "bn" in [layer.name for layer in folded.layers]
+    assert predict_error(model, folded) <= 1e-6
+
+
+def test_a_bias_and_a_dense_on_sequences_fold_through_too():
+    inputs = keras.Input((8, 5))
+    x = layers.Dense(4, name="dense")(inputs)  # with a bias: scaled and shifted with it
+    x = layers.AveragePooling1D(2, name="pool")(x)
+    model = statistics(keras.Model(inputs, layers.BatchNormalization(name="bn")(x)))
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded and decision.producer == "dense"
+    assert predict_error(model, bnseq.fold(model)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        ("activation", "Conv2D 'conv' applies its activation before AveragePooling2D 'pool'"),
+        ("shared_pool", "the output of AveragePooling2D 'pool' is also used elsewhere"),
+        ("shared_conv", "the output of Conv2D 'conv' is also used elsewhere"),
+        ("channel_pooling", "AveragePooling2D 'pool' pools along the channel axis of Conv2D 'conv'"),
+    ],
+)
+def test_kept_through_pooling_with_the_reason(build, reason):
+    inputs = keras.Input((6, 6, 3))
+    activation = "relu" if build == "activation" else None
+    conv = layers.Conv2D(4, 3, padding="same", use_bias=False, activation=activation, name="conv")(inputs)
+    data_format = "channels_first" if build == "channel_pooling" else "channels_last"
+    pool = layers.AveragePooling2D(2, data_format=data_format, name="pool")(conv)
+    bn = layers.BatchNormalization(name="bn")(pool)
+    outputs = [bn]
+    if build == "shared_pool":
+        outputs.append(layers.Flatten()(pool))
+    if build == "shared_conv":
+        outputs.append(layers.Flatten()(conv))
+    model = statistics(keras.Model(inputs, outputs))
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded and f"nor through it: {reason}" in decision.reason, decision.reason
+    folded = bnseq.fold(model)
+    assert "bn" in [layer.name for layer in folded.layers]
+
+
+def test_summary_names_the_pooling_layer():
+    model = statistics(pooled(2, "average", "channels_last"))
+    (row,) = bnseq.summary(model)
+    assert row.fold == "into conv, moved before AveragePooling2D 'pool'"
+
+
+def test_densenet_transition_pooling_is_kept_because_the_dense_block_reads_it_too():
+    """DenseNet121's pooled transition output feeds both a BatchNormalization and the block's Concatenate."""
+    model = keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=4)
+    statistics(model, signed=True)
+    report = bnseq.fold_report(model)
+    after_transition = [decision for decision in report if "follows AveragePooling2D" in decision.reason]
+    assert len(after_transition) == 3
+    assert all("nor through it: the output of AveragePooling2D" in decision.reason for decision in after_transition)
+    assert predict_error(model, bnseq.fold(model)) <= 1e-5
