@@ -156,3 +156,40 @@ def test_densenet_transition_pooling_is_kept_because_the_dense_block_reads_it_to
     assert len(after_transition) == 3
     assert all("nor through it: the output of AveragePooling2D" in decision.reason for decision in after_transition)
     assert predict_error(model, bnseq.fold(model)) <= 1e-5
+
+
+# A BatchNormalization right after another ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_batch_norm_after_a_batch_norm_folds_into_the_same_layer(data_format, activation):
+    shape = (3, 7, 7) if data_format == "channels_first" else (7, 7, 3)
+    axis = 1 if data_format == "channels_first" else -1
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(4, 3, use_bias=False, data_format=data_format, name="conv")(inputs)
+    x = layers.BatchNormalization(axis=axis, name="first")(x)
+    x = layers.BatchNormalization(axis=axis, name="second")(x)
+    if activation:
+        x = layers.Activation(activation, name="act")(x)
+    model = statistics(keras.Model(inputs, x))
+    report = bnseq.fold_report(model)
+    assert [str(decision) for decision in report] == [
+        "first: folded into conv",
+        "second: folded into conv, with first before it",
+    ]
+    folded = bnseq.fold(model)
+    assert [type(layer).__name__ for layer in folded.layers] == ["InputLayer", "Conv2D"]  # the activation merged
+    assert predict_error(model, folded) <= 1e-5
+    assert [finding.code for finding in bnseq.lint(model)] == ["BN004"]  # still a placement to fix
+
+
+def test_a_batch_norm_after_one_that_is_kept_is_kept_with_the_reason():
+    inputs = keras.Input((5,))
+    x = layers.Dense(4, activation="relu", name="dense")(inputs)
+    x = layers.BatchNormalization(name="first")(x)
+    x = layers.BatchNormalization(name="second")(x)
+    model = statistics(keras.Model(inputs, x))
+    decisions = {decision.batch_norm: decision for decision in bnseq.fold_report(model)}
+    assert not decisions["first"].folded and not decisions["second"].folded
+    assert decisions["second"].reason.startswith("it follows BatchNormalization 'first', which is not a linear layer")

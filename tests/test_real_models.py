@@ -296,8 +296,13 @@ def test_subclassed_layer_holding_batch_norm_is_read_through():
     assert findings == [("BN001", "first", model.layers[1].dense.name), ("BN004", "second", "first")]
     assert [str(d) for d in bnseq.fold_report(model)] == [
         f"first: folded into {model.layers[1].dense.name}",
-        "second: kept, it follows BatchNormalization 'first', which is not a linear layer",
+        f"second: folded into {model.layers[1].dense.name}, with first before it",
     ]
+    randomize_statistics(model)
+    folded = bnseq.fold(model)  # inside the traced block: both into the Dense
+    assert not [layer for layer in folded._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
 
 
 def test_backbone_batch_normalize_with_data_keeps_predictions(backbone):

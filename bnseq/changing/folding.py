@@ -130,7 +130,9 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
         if producer is not None:
             # Through a pooling layer, an activation after the BatchNormalization stays after the pooling.
             activation = None if decision.through is not None else fold_plan.activation_after(graph, bn)
-            backward[id(producer)] = (bn, activation)
+            # A BatchNormalization right after another folds into the same layer, after it.
+            earlier = backward[id(producer)][0] if decision.composed is not None else []
+            backward[id(producer)] = ([*earlier, bn], activation)
             layers_by_id[id(producer)] = producer
             plan.drop.add(id(bn))
             if activation is not None:

@@ -157,7 +157,10 @@ def forward_folded_weights(layer, scale, shift, kernel=None, bias=None):
 
 
 def weights_with(layer, before, after):
-    """`layer`'s weights with `before` folded forward into it and `after` folded back into it."""
+    """`layer`'s weights with `before` folded forward into it and `after` folded back into it.
+
+    `after` is a BatchNormalization or a list of them applied in turn.
+    """
     weights = layer.get_weights()
     kernels = [np.asarray(each, np.float64) for each in (weights[:-1] if layer.use_bias else weights)]
     bias = np.asarray(weights[-1], np.float64) if layer.use_bias else 0.0
@@ -165,7 +168,7 @@ def weights_with(layer, before, after):
         kernel, bias = forward_folded_weights(layer, *affine_of(before), kernel=kernels[0], bias=bias)
         kernels = [kernel]
     if after is not None:
-        scale, shift = affine_of(after)
+        scale, shift = composed_affine(after)
         kernels = [*kernels[:-1], scale_kernel(kernels[-1], scale, _layout(layer))]
         bias = scale * bias + shift
     bias_dtype = weights[-1].dtype if layer.use_bias else weights[0].dtype
@@ -173,6 +176,17 @@ def weights_with(layer, before, after):
         *(kernel.astype(original.dtype) for kernel, original in zip(kernels, weights)),
         np.asarray(bias).astype(bias_dtype),
     ]
+
+
+def composed_affine(batch_norms):
+    """The `(scale, shift)` of BatchNormalization layers applied one after the other (one, or a list)."""
+    if not isinstance(batch_norms, (list, tuple)):
+        return affine_of(batch_norms)
+    scale, shift = 1.0, 0.0
+    for bn in batch_norms:
+        step_scale, step_shift = affine_of(bn)
+        scale, shift = step_scale * scale, step_scale * shift + step_shift
+    return scale, shift
 
 
 def affine_of(bn):

@@ -39,6 +39,10 @@ class FoldDecision:
             affine map commutes with averaging, and with a maximum where its
             scale is not negative) to fold into that linear layer, which
             `producer` then names; `None` otherwise.
+        composed: str or None. For one right after another
+            BatchNormalization that folds back into `producer`: that one's
+            name (two affine maps in a row are one, and both fold into the
+            same layer); `None` otherwise.
     """
 
     batch_norm: str
@@ -47,10 +51,13 @@ class FoldDecision:
     reason: str
     into: object = None
     through: object = None
+    composed: object = None
 
     def __str__(self):
         if self.folded and self.into is not None:
             return f"{self.batch_norm}: folded forward into {self.into}"
+        if self.folded and self.composed is not None:
+            return f"{self.batch_norm}: folded into {self.producer}, with {self.composed} before it"
         if self.folded and self.through is not None:
             return f"{self.batch_norm}: folded into {self.producer}, moved before {self.through}"
         if self.folded:
@@ -96,6 +103,7 @@ def decide(graph):
     where it cannot, forward into the linear layer that alone takes its output.
     """
     decisions = []
+    folded_back = {}  # id(BatchNormalization) -> the linear layer it folds back into, right after it
     axes = {}
 
     def axes_of_graph():  # the channel axes, worked out once, where a fold through pooling asks
@@ -109,9 +117,15 @@ def decide(graph):
                 decisions.extend(_inside(graph, layer))
             continue
         producer = graph.sole_producer(layer)
+        if id(producer) in folded_back and _composes(graph, producer, layer):
+            linear = folded_back[id(producer)]
+            folded_back[id(layer)] = linear
+            decisions.append((layer, linear, FoldDecision(layer.name, linear.name, True, "", composed=producer.name), None))
+            continue
         reason = _why_not(graph, producer, layer)
         name = None if producer is None else producer.name
         if reason is None:
+            folded_back[id(layer)] = producer
             decisions.append((layer, producer, FoldDecision(layer.name, name, True, ""), None))
             continue
         linear, why_not_through = through_pooling(graph, producer, layer, axes_of_graph)
@@ -157,6 +171,19 @@ def _inside(graph, layer):
     for bn in unseen:
         decisions.append((bn, None, FoldDecision(bn.name, layer.name, False, where), None))
     return decisions
+
+
+def _composes(graph, first, second):
+    """Whether `second`, right after `first` (which folds back into the linear layer before it), folds there too."""
+    if not graph.feeds_only(first, second) or graph.calls_of(first) != 1:
+        return False
+    if graph.parents.get(id(first)) is not graph.parents.get(id(second)):
+        return False
+    shape = graph.output_shape(first)
+    if shape is None or not kinds.same_axis(second.axis, first.axis % len(shape), len(shape)):
+        return False
+    linear = graph.sole_producer(first)
+    return not _fuses_wrongly(graph, linear, activation_after(graph, second) or second)
 
 
 _AVERAGING = (
