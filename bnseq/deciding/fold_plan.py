@@ -120,7 +120,8 @@ def decide(graph):
         if id(producer) in folded_back and _composes(graph, producer, layer):
             linear = folded_back[id(producer)]
             folded_back[id(layer)] = linear
-            decisions.append((layer, linear, FoldDecision(layer.name, linear.name, True, "", composed=producer.name), None))
+            decision = FoldDecision(layer.name, linear.name, True, "", composed=producer.name)
+            decisions.append((layer, linear, decision, None))
             continue
         reason = _why_not(graph, producer, layer)
         name = None if producer is None else producer.name
