@@ -193,3 +193,47 @@ def test_a_batch_norm_after_one_that_is_kept_is_kept_with_the_reason():
     decisions = {decision.batch_norm: decision for decision in bnseq.fold_report(model)}
     assert not decisions["first"].folded and not decisions["second"].folded
     assert decisions["second"].reason.startswith("it follows BatchNormalization 'first', which is not a linear layer")
+
+
+# Forward across Flatten or Reshape into a Dense layer ----------------------------------------------
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("flattening", ["flatten", "reshape"])
+def test_forward_across_a_flatten_into_a_dense(data_format, flattening):
+    shape = (3, 5, 4) if data_format == "channels_first" else (5, 4, 3)
+    axis = 1 if data_format == "channels_first" else -1
+    inputs = keras.Input(shape)
+    x = layers.BatchNormalization(axis=axis, name="bn")(inputs)  # on the model input: nothing before it
+    if flattening == "flatten":
+        x = layers.Flatten(data_format=data_format, name="flat")(x)
+    else:
+        x = layers.Reshape((-1,), name="flat")(x)
+    model = statistics(keras.Model(inputs, layers.Dense(6, name="dense")(x)))
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded and decision.into == "dense" and "'flat'" in decision.through
+    assert str(decision).startswith("bn: folded forward into dense, across ")
+    folded = bnseq.fold(model)
+    assert "bn" not in [layer.name for layer in folded.layers]
+    assert predict_error(model, folded) <= 1e-5
+
+
+def test_after_an_activation_across_a_flatten():
+    inputs = keras.Input((6, 6, 2))
+    x = layers.Conv2D(3, 3, activation="relu", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.Flatten(name="flat")(x)
+    model = statistics(keras.Model(inputs, layers.Dense(4, use_bias=False, name="dense")(x)))
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded and decision.into == "dense"
+    assert predict_error(model, bnseq.fold(model)) <= 1e-5
+
+
+def test_across_a_flatten_used_elsewhere_is_kept_with_the_reason():
+    inputs = keras.Input((4, 3))
+    x = layers.BatchNormalization(name="bn")(inputs)
+    flat = layers.Flatten(name="flat")(x)
+    model = statistics(keras.Model(inputs, [layers.Dense(2, name="dense")(flat), flat]))
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded
+    assert "nor forward: the output of Flatten 'flat' is also used elsewhere" in decision.reason

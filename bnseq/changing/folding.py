@@ -138,20 +138,36 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
             if activation is not None:
                 plan.drop.add(id(activation))
         elif consumer is not None:
-            forward[id(consumer)] = bn
+            # Across a Flatten or Reshape: which channel each of the Dense layer's input features is.
+            flattening = graph.sole_producer(consumer)
+            forward[id(consumer)] = (bn, None if flattening is bn else _channels_after(bn, flattening, graph))
             layers_by_id[id(consumer)] = consumer
             plan.drop.add(id(bn))
     for key, layer in layers_by_id.items():
-        before = forward.get(key)
+        before, channels = forward.get(key, (None, None))
         after, activation = backward.get(key, (None, None))
         folded_layer = _folded_layer(layer, activation)
         plan.replace[key] = [folded_layer]
         plan.finish.append(
-            lambda layer=layer, before=before, after=after, folded_layer=folded_layer: folded_layer.set_weights(
-                fold_math.weights_with(layer, before, after)
+            lambda layer=layer, before=before, after=after, channels=channels, folded_layer=folded_layer: (
+                folded_layer.set_weights(fold_math.weights_with(layer, before, after, before_channels=channels))
             )
         )
     return rewrite.apply(model, plan, graph.flat), report
+def _channels_after(bn, flattening, graph):
+    """The channel of `bn`'s output that each feature of `flattening`'s output holds, as an int array.
+
+    Read by flattening a tensor of channel indices with the layer itself (a
+    Flatten or Reshape has no state; its data_format decides the order).
+    """
+    shape = graph.output_shape(bn)
+    axis = bn.axis % len(shape)
+    index = np.arange(shape[axis], dtype="float32").reshape([-1 if each == axis else 1 for each in range(len(shape))])
+    channels = np.broadcast_to(index, (1, *shape[1:])).copy()
+    flat = keras.ops.convert_to_numpy(flattening(keras.ops.convert_to_tensor(channels)))
+    return np.rint(flat[0]).astype(int)
+
+
 def _plain_sequential(model, tensor, layers, unit_sizes):
     start = [] if tensor is None else [tensor]
     return keras.Sequential(start + list(layers), name=model.name, trainable=model.trainable)

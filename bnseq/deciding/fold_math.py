@@ -156,16 +156,21 @@ def forward_folded_weights(layer, scale, shift, kernel=None, bias=None):
     return new_kernel, bias + added
 
 
-def weights_with(layer, before, after):
+def weights_with(layer, before, after, before_channels=None):
     """`layer`'s weights with `before` folded forward into it and `after` folded back into it.
 
     `after` is a BatchNormalization or a list of them applied in turn.
+    `before_channels`: for a Dense layer fed through a Flatten, the channel
+    of `before` each input feature holds (`None`: feature i is channel i).
     """
     weights = layer.get_weights()
     kernels = [np.asarray(each, np.float64) for each in (weights[:-1] if layer.use_bias else weights)]
     bias = np.asarray(weights[-1], np.float64) if layer.use_bias else 0.0
     if before is not None:  # a single kernel (why_not_forward)
-        kernel, bias = forward_folded_weights(layer, *affine_of(before), kernel=kernels[0], bias=bias)
+        scale, shift = affine_of(before)
+        if before_channels is not None:
+            scale, shift = scale[before_channels], shift[before_channels]
+        kernel, bias = forward_folded_weights(layer, scale, shift, kernel=kernels[0], bias=bias)
         kernels = [kernel]
     if after is not None:
         scale, shift = composed_affine(after)

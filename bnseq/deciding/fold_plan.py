@@ -38,7 +38,8 @@ class FoldDecision:
             linear layer: the pooling layer it moves before (a per-channel
             affine map commutes with averaging, and with a maximum where its
             scale is not negative) to fold into that linear layer, which
-            `producer` then names; `None` otherwise.
+            `producer` then names. For one folded forward across a `Flatten`
+            or `Reshape` into a Dense layer: that layer. `None` otherwise.
         composed: str or None. For one right after another
             BatchNormalization that folds back into `producer`: that one's
             name (two affine maps in a row are one, and both fold into the
@@ -55,7 +56,8 @@ class FoldDecision:
 
     def __str__(self):
         if self.folded and self.into is not None:
-            return f"{self.batch_norm}: folded forward into {self.into}"
+            across = "" if self.through is None else f", across {self.through}"
+            return f"{self.batch_norm}: folded forward into {self.into}{across}"
         if self.folded and self.composed is not None:
             return f"{self.batch_norm}: folded into {self.producer}, with {self.composed} before it"
         if self.folded and self.through is not None:
@@ -139,7 +141,10 @@ def decide(graph):
             reason += f"; nor through it: {why_not_through}"
         consumer, why_not_forward_reason = forward_target(graph, layer)
         if consumer is not None:
-            decisions.append((layer, None, FoldDecision(layer.name, name, True, "", into=consumer.name), consumer))
+            across = graph.sole_producer(consumer)
+            across = None if across is layer else kinds.describe(across)
+            decision = FoldDecision(layer.name, name, True, "", into=consumer.name, through=across)
+            decisions.append((layer, None, decision, consumer))
             continue
         if why_not_forward_reason:
             reason += f"; nor forward: {why_not_forward_reason}"
@@ -263,6 +268,8 @@ def forward_target(graph, bn):
     if len(consumers) != 1 or not graph.feeds_only(bn, consumers[0]):
         return None, ""
     (consumer,) = consumers
+    if _flattens(consumer):
+        return _across_flattening(graph, bn, consumer)
     if not kinds.is_linear(consumer):
         return None, ""
     if graph.producers(consumer) != [bn] or graph.calls_of(consumer) != 1:
@@ -282,6 +289,41 @@ def forward_target(graph, bn):
     if not consumer.use_bias and _fuses_wrongly(graph, consumer, consumer):
         return None, _FUSION_REASON.format(layer=kinds.describe(consumer))
     return consumer, None
+
+
+def _flattens(layer):
+    """Whether `layer` is Keras's Flatten, or a Reshape to one axis of features."""
+    if type(layer) is keras.layers.Flatten:
+        return True
+    return type(layer) is keras.layers.Reshape and len(layer.target_shape) == 1
+
+
+def _across_flattening(graph, bn, flattening):
+    """(the Dense layer `bn` folds forward into across `flattening`, None), or (None, why not or "").
+
+    Flattening moves values, never mixes them: each feature of the Dense
+    layer's input is one position of one channel, so the per-channel map
+    folds into the kernel's rows, each scaled by its channel's scale
+    (`folding.py` reads which channel each row is by flattening the channel
+    indices).
+    """
+    consumers = graph.consumers(flattening)
+    if len(consumers) != 1 or not graph.feeds_only(flattening, consumers[0]) or graph.calls_of(flattening) != 1:
+        return None, f"the output of {kinds.describe(flattening)} is also used elsewhere"
+    (dense,) = consumers
+    if not isinstance(dense, keras.layers.Dense):
+        return None, ""
+    if graph.producers(dense) != [flattening] or graph.calls_of(dense) != 1:
+        return None, f"{kinds.describe(dense)} also takes other inputs"
+    if not graph.parents.get(id(bn)) is graph.parents.get(id(flattening)) is graph.parents.get(id(dense)):
+        return None, f"{kinds.describe(dense)} is in a different model"
+    shape = graph.output_shape(bn)
+    if shape is None or any(size is None for size in shape[1:]):
+        return None, f"the shape it gives {kinds.describe(flattening)} is not fully known"
+    reason = fold_math.why_not_forward(dense)
+    if reason is not None:
+        return None, reason
+    return dense, None
 
 
 def _why_not(graph, producer, bn):

@@ -140,7 +140,8 @@ def _fold(decision):
     if decision is None:
         return "kept: fold does not reach it"
     if decision.folded and decision.into is not None:
-        return f"forward into {decision.into}"
+        across = "" if decision.through is None else f", across {decision.through}"
+        return f"forward into {decision.into}{across}"
     if decision.folded and decision.through is not None:
         return f"into {decision.producer}, moved before {decision.through}"
     if decision.folded:
