@@ -237,3 +237,22 @@ def test_across_a_flatten_used_elsewhere_is_kept_with_the_reason():
     (decision,) = bnseq.fold_report(model)
     assert not decision.folded
     assert "nor forward: the output of Flatten 'flat' is also used elsewhere" in decision.reason
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("pool, options", [
+    ("average", dict(pool_size=3, strides=1)),
+    ("average", dict(pool_size=2)),
+    ("max", dict(pool_size=3, strides=2)),
+])  # fmt: skip
+def test_padded_pooling_borders_stay_exact(data_format, pool, options):
+    """padding="same" on a 5x5 map pads the border; an average there counts only the real positions."""
+    shape = (3, 5, 5) if data_format == "channels_first" else (5, 5, 3)
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(4, 3, padding="same", use_bias=False, data_format=data_format, name="conv")(inputs)
+    x = POOLS[pool][2](data_format=data_format, padding="same", name="pool", **options)(x)
+    x = layers.BatchNormalization(axis=1 if data_format == "channels_first" else -1, name="bn")(x)
+    model = statistics(keras.Model(inputs, x), signed=pool == "average")
+    (decision,) = bnseq.fold_report(model)
+    assert decision.folded
+    assert predict_error(model, bnseq.fold(model)) <= 1e-5
