@@ -408,3 +408,24 @@ def test_a_failure_while_making_the_model_ready_leaves_it_as_it_was(monkeypatch)
     monkeypatch.undo()
     bnseq.unfreeze(model)  # the record of its state before the first freeze is still there
     assert bn.trainable
+
+
+@pytest.mark.parametrize("part", ["whole", "statistics", "affine"])
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_batch_normalize_keeps_a_taken_over_layer_frozen(part, kind):
+    if kind == "functional":
+        model = pretrained("plain")
+    else:
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(6, name="conv"), keras.layers.BatchNormalization(name="bn")]
+        )
+    options = {"whole": {}, "statistics": {"affine": False}, "affine": {"statistics": False}}[part]
+    bnseq.freeze(model, layers="bn", **options)
+    rewritten = bnseq.batch_normalize(model)
+    (taken,) = [layer for layer in rewritten._flatten_layers() if layer.name == "bn"]
+    original = batch_norm_of(model)
+    assert (type(taken), taken.trainable, getattr(taken, "frozen", None)) == (
+        type(original),
+        original.trainable,
+        getattr(original, "frozen", None),
+    )

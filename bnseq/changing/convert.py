@@ -8,6 +8,7 @@ import numpy as np
 from bnseq import kinds
 from bnseq import notices
 from bnseq import probes
+from bnseq.changing import freezing
 from bnseq.changing import rewrite
 from bnseq.changing.sequential import Sequential
 from bnseq.deciding import fold_math
@@ -302,10 +303,11 @@ def _same_shapes(source, target):
 
 
 def _carry_weights(source, target):
-    """A taken-over BatchNormalization keeps its weights (where their shapes still fit)."""
+    """A taken-over BatchNormalization keeps its weights (where their shapes still fit) and its freeze."""
     if _same_shapes(source, target):
         for original, new in zip(source.weights, target.weights):
             new.assign(keras.ops.convert_to_numpy(original))  # a copy: see rewrite.normalized_copy
+    freezing.hold_like(source, target)
 
 
 def _existing_batch_norm(graph, layer):

@@ -325,6 +325,19 @@ def _become(layer, kind, trainable, frozen=None):
         layer._hold()
 
 
+def hold_like(source, target):
+    """Give `target`, a new BatchNormalization taking `source`'s place, the freeze `source` has.
+
+    A rewrite (`batch_normalize`) that takes a user's frozen layer over must
+    not silently let it train again.
+    """
+    part = holding.part_held(source)
+    if part is not None and type(target) is keras_layers.BatchNormalization:
+        _become(target, FrozenBatchNormalization, source.trainable, part)
+    elif not source.trainable:
+        keras.Layer.trainable.fset(target, False)
+
+
 def _keras_class(layer):
     """The class a layer frozen whole has: its own, or Keras's for a `FrozenBatchNormalization`."""
     return keras_layers.BatchNormalization if isinstance(layer, FrozenBatchNormalization) else type(layer)
