@@ -24,8 +24,8 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def randomize_statistics(model, generator=None):
-    """Non-trivial BatchNormalization statistics and affine parameters."""
+def randomize_statistics(model, generator=None, signed=False):
+    """Non-trivial BatchNormalization statistics and affine parameters; gamma of both signs with `signed`."""
     generator = generator or rng(0)
     for layer in model._flatten_layers():
         if isinstance(layer, layers.BatchNormalization):
@@ -33,7 +33,8 @@ def randomize_statistics(model, generator=None):
             layer.moving_mean.assign(generator.normal(0, 0.5, channels))
             layer.moving_variance.assign(generator.uniform(0.3, 2.0, channels))
             if layer.scale:
-                layer.gamma.assign(generator.uniform(0.5, 1.5, channels))
+                gamma = generator.uniform(0.5, 1.5, channels)
+                layer.gamma.assign(gamma * generator.choice([-1.0, 1.0], channels) if signed else gamma)
             if layer.center:
                 layer.beta.assign(generator.normal(0, 0.5, channels))
     return model

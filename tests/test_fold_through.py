@@ -13,6 +13,7 @@ from keras import layers
 
 import bnseq
 from bnseq import probes
+from tests.test_fold import randomize_statistics
 
 CONVOLUTIONS = {1: layers.Conv1D, 2: layers.Conv2D, 3: layers.Conv3D}
 POOLS = {
@@ -29,16 +30,7 @@ POOLS = {
 
 def statistics(model, seed=0, signed=True):
     """Random statistics; gamma of both signs unless `signed=False` (then positive)."""
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers():
-        if isinstance(layer, layers.BatchNormalization):
-            channels = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.5, channels))
-            layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
-            magnitude = rng.uniform(0.5, 1.5, channels)
-            layer.gamma.assign(magnitude * (rng.choice([-1.0, 1.0], channels) if signed else 1.0))
-            layer.beta.assign(rng.normal(0, 0.5, channels))
-    return model
+    return randomize_statistics(model, np.random.default_rng(seed), signed=signed)
 
 
 def pooled(rank, pool, data_format, padding="valid", bias=False, activation="tanh"):

@@ -115,9 +115,10 @@ def summary(model_or_path, *, safe_mode=True, batch_size=None):
     for finding in found:
         by_layer.setdefault(finding.layer, []).append(finding.code)
     folds = {id(bn): decision for bn, _, decision, _ in fold_plan.decide(graph)}
-    paths = {id(layer): "/".join(path) for layer, path in holding.batch_norms_with_paths(model)}
+    with_paths = holding.batch_norms_with_paths(model)
+    paths = {id(layer): "/".join(path) for layer, path in with_paths}
     order = {id(layer): layer for layer in graph.flat.batch_norms()}
-    for layer, _ in holding.batch_norms_with_paths(model):
+    for layer, _ in with_paths:
         order.setdefault(id(layer), layer)
     rows = []
     for layer in order.values():
