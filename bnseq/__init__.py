@@ -13,7 +13,11 @@ from bnseq.changing.freezing import unfreeze
 from bnseq.changing.layers import BatchNormalization
 from bnseq.changing.marks import with_batch_norm
 from bnseq.changing.marks import without_batch_norm
+from bnseq.changing.reparameterizing import reparameterize
+from bnseq.changing.reparameterizing import reparameterize_with_report
 from bnseq.changing.sequential import Sequential
+from bnseq.deciding.branches import Reparameterization
+from bnseq.deciding.branches import reparameterize_report
 from bnseq.deciding.findings import Finding
 from bnseq.deciding.findings import lint
 from bnseq.deciding.fold_plan import FoldDecision
@@ -41,6 +45,7 @@ __all__ = [
     "PlatformWarning",
     "Recalibration",
     "RecalibrationReport",
+    "Reparameterization",
     "Sequential",
     "Summary",
     "SummaryRow",
@@ -54,6 +59,9 @@ __all__ = [
     "freeze",
     "lint",
     "recalibrate",
+    "reparameterize",
+    "reparameterize_report",
+    "reparameterize_with_report",
     "summary",
     "unfreeze",
     "with_batch_norm",

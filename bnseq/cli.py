@@ -75,10 +75,12 @@ def _parser():
         help="fold BatchNormalization into the layers before it, for inference",
         description="Write IN.keras with every BatchNormalization that can be "
         "folded folded into the linear layer before it, as OUT.keras (plain "
-        "Keras layers). Prints how many were folded and the largest output "
-        "difference on a random probe. Exit status: 0 when written, 1 when "
-        "--strict finds a BatchNormalization that cannot fold, 2 when a file "
-        "cannot be read or written.",
+        "Keras layers). With --reparameterize, sums of parallel conv + "
+        "BatchNormalization branches (RepVGG, MobileOne) are first merged into "
+        "one convolution each. Prints how many were folded (and merged) and the "
+        "largest output difference on a random probe. Exit status: 0 when "
+        "written, 1 when --strict finds a BatchNormalization that cannot fold, "
+        "2 when a file cannot be read or written.",
     )
     fold.add_argument("input", metavar="IN.keras")
     fold.add_argument("output", metavar="OUT.keras")
@@ -87,6 +89,11 @@ def _parser():
         "--strict",
         action="store_true",
         help="fail, writing nothing, if any BatchNormalization cannot fold",
+    )
+    fold.add_argument(
+        "--reparameterize",
+        action="store_true",
+        help="first merge summed conv + BatchNormalization branches into one convolution (bnseq.reparameterize)",
     )
     export = commands.add_parser(
         "export",
@@ -337,12 +344,21 @@ def _fold(args):
     from bnseq.changing.folding import probe_difference
 
     model = _load(args)
+    merged, merges = model, []
     try:
-        folded, report = bnseq.fold_with_report(model, strict=args.strict)
+        if args.reparameterize:
+            merged, merges = bnseq.reparameterize_with_report(model)
+        folded, report = bnseq.fold_with_report(merged, strict=args.strict)
     except ValueError as error:
         print(f"bnseq: {error}", file=sys.stderr)
         return 1
     _save(folded, args.output)
+    if args.reparameterize:
+        count = sum(decision.merged for decision in merges)
+        print(f"Merged {count} of {len(merges)} sums of branches into one convolution each.")
+        for decision in merges:
+            if not decision.merged:
+                print(f"  kept {decision}")
     done = sum(decision.folded for decision in report)
     print(f"Folded {done} of {len(report)} BatchNormalization layers into the layers before them.")
     for decision in report:

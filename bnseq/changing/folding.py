@@ -7,7 +7,6 @@ weights, the BatchNormalization (and an Activation merged back) dropped, and
 `rewrite.apply` carrying every other layer over as the same object.
 """
 
-import os
 
 import keras
 import numpy as np
@@ -101,20 +100,7 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
         >>> [str(decision) for decision in report]  # doctest: +ELLIPSIS
         ['dense..._bn: folded into dense...']
     """
-    if not isinstance(model, keras.Model) and not isinstance(model, (str, os.PathLike)):
-        raise TypeError(
-            "fold expects a keras.Model or the path of a .keras file. "
-            f"Received: model={model!r} (of type {type(model).__name__})"
-        )
-    if not isinstance(strict, (bool, np.bool_)):
-        raise TypeError(f"`strict` must be True or False. Received: strict={strict!r}")
-    model = files.as_model(model, safe_mode=safe_mode)
-    if not model.built:
-        raise ValueError(
-            f"{type(model).__name__} '{model.name}' is not built, so it has no "
-            "weights or statistics to fold. Build it (call it on data, or "
-            "start it with keras.Input) and train it first."
-        )
+    model = files.built_model(model, what="fold", holds="weights or statistics", strict=strict, safe_mode=safe_mode)
     graph = graph_module.walk(model)
     decisions = fold_plan.decide(graph)
     report = [decision for _, _, decision, _ in decisions]

@@ -278,6 +278,10 @@ class Plan:
             `keras.Input` tensor, or `None` when the model has none.
         finish: list of callables, run once the new model is built (weights
             are set there).
+        first_tensor: set. `id(layer)` of replaced layers whose replacement
+            is called on the first tensor among their arguments alone (a sum
+            of branches that all pass the same tensor through, replaced by
+            one convolution of it).
     """
 
     what: str
@@ -285,6 +289,7 @@ class Plan:
     replace: dict = dataclasses.field(default_factory=dict)
     drop: set = dataclasses.field(default_factory=set)
     finish: list = dataclasses.field(default_factory=list)
+    first_tensor: set = dataclasses.field(default_factory=set)
 
 
 def apply(model, plan, flat=None):
@@ -354,6 +359,8 @@ def _rebuild_flat(model, flat, plan):
             values[call.outputs[0]] = args[0]
             continue
         chain = [names.unique(layer, call.scope) for layer in plan.replace.get(id(operation), [operation])]
+        if id(operation) in plan.first_tensor:
+            args, kwargs = (keras.tree.flatten(args)[0],), {}
         outputs = chain[0](*args, **kwargs)
         for following in chain[1:]:
             outputs = following(outputs)
@@ -419,6 +426,7 @@ def _rebuild_sequential(model, plan):
 def _rebuild_functional(model, plan):
     chains = {}  # id(first layer of a replacement) -> the layers called in turn
     passed = set()  # id(layer) of dropped layers: their input goes through
+    first_tensor = set()  # id(first layer of a replacement) called on the first tensor alone
 
     def clone_function(layer):
         if isinstance(layer, keras.Model):
@@ -430,11 +438,15 @@ def _rebuild_functional(model, plan):
         if chain is None:
             return layer  # kept: the same object, never re-created
         chains[id(chain[0])] = chain
+        if id(layer) in plan.first_tensor:
+            first_tensor.add(id(chain[0]))
         return chain[0]
 
     def call_function(layer, *args, **kwargs):
         if id(layer) in passed:
             return args[0]
+        if id(layer) in first_tensor:
+            args, kwargs = (keras.tree.flatten(args)[0],), {}
         outputs = layer(*args, **kwargs)
         for following in chains.get(id(layer), [layer])[1:]:
             outputs = following(outputs)

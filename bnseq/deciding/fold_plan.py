@@ -189,7 +189,7 @@ def _composes(graph, first, second):
     if shape is None or not kinds.same_axis(second.axis, first.axis % len(shape), len(shape)):
         return False
     linear = graph.sole_producer(first)
-    return not _fuses_wrongly(graph, linear, activation_after(graph, second) or second)
+    return not fuses_wrongly(graph, linear, activation_after(graph, second) or second)
 
 
 _AVERAGING = (
@@ -254,7 +254,7 @@ def through_pooling(graph, pool, bn, axes_of_graph):
                 f"{'s' if len(negative) > 1 else ''} {listed} of its {len(scale)} "
                 f"{'have' if len(negative) > 1 else 'has'} a negative gamma / sqrt(variance + epsilon)"
             )
-    if _bias_lands_on_the_wrong_axis(linear, graph.output_shape(linear)):
+    if bias_lands_on_the_wrong_axis(linear, graph.output_shape(linear)):
         return None, f"{described} would need a bias this backend adds on the wrong axis"
     why = kinds.why_not_copied(linear)
     if why is not None:
@@ -284,10 +284,10 @@ def forward_target(graph, bn):
     expected = -1 if isinstance(consumer, keras.layers.Dense) else kinds.channel_axis(consumer)
     if not kinds.same_axis(bn.axis, expected, rank):
         return None, f"its axis {bn.axis} is not the input channel axis of {kinds.describe(consumer)}"
-    if not consumer.use_bias and _bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
+    if not consumer.use_bias and bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
         return None, f"{kinds.describe(consumer)} would need a bias this backend adds on the wrong axis"
-    if not consumer.use_bias and _fuses_wrongly(graph, consumer, consumer):
-        return None, _FUSION_REASON.format(layer=kinds.describe(consumer))
+    if not consumer.use_bias and fuses_wrongly(graph, consumer, consumer):
+        return None, FUSION_REASON.format(layer=kinds.describe(consumer))
     return consumer, None
 
 
@@ -351,7 +351,7 @@ def _why_not(graph, producer, bn):
             f"its axis {bn.axis} is not the channel axis of "
             f"{kinds.describe(producer)}"
         )
-    if _bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
+    if bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
         return (
             f"{kinds.describe(producer)} is channels_first with as many channels "
             "as its last spatial size, where this Keras backend adds a bias "
@@ -362,19 +362,19 @@ def _why_not(graph, producer, bn):
     if why is not None:
         return f"{kinds.describe(producer)} cannot be re-created from its config: {why}"
     activation = activation_after(graph, bn)
-    if _fuses_wrongly(graph, producer, activation or bn):
-        return _FUSION_REASON.format(layer=kinds.describe(producer))
+    if fuses_wrongly(graph, producer, activation or bn):
+        return FUSION_REASON.format(layer=kinds.describe(producer))
     return None
 
 
-_FUSION_REASON = (
+FUSION_REASON = (
     "folding would give {layer} a bias followed by an add and a LeakyReLU, which TensorFlow with oneDNN "
     "fuses into one kernel that ignores the slope under predict (probes.leaky_relu_fusion_is_sound); kept "
     "so that predict stays right"
 )
 
 
-def _fuses_wrongly(graph, layer, owner):
+def fuses_wrongly(graph, layer, owner):
     """Whether a folded `layer`, with a bias, taking the place of `owner`'s output, would meet the bad fusion."""
     if isinstance(layer, keras.layers.Dense) or probes.leaky_relu_fusion_is_sound():
         return False
@@ -418,7 +418,7 @@ def _lets_negatives_through(function):
     return bool(abs(float(values[1]) - 1.0) < 1e-6 and float(values[0]) < 0.0)
 
 
-def _bias_lands_on_the_wrong_axis(layer, shape):
+def bias_lands_on_the_wrong_axis(layer, shape):
     """Whether `layer`'s bias would be added along the wrong axis.
 
     See `probes.bias_add_is_sound`: where the backend guesses the layout of a

@@ -4,8 +4,33 @@ import os
 import zipfile
 
 import keras
+import numpy as np
 
 from bnseq import notices
+
+
+def built_model(model_or_path, *, what, holds, strict=False, safe_mode=True):
+    """`as_model`, for a function `what` that rebuilds a model from the `holds` of a built one.
+
+    Raises:
+        TypeError: if `model_or_path` is neither a model nor a path, or
+            `strict` is not a bool.
+        ValueError: if the model is not built (and what `as_model` raises).
+    """
+    if not isinstance(model_or_path, (keras.Model, str, os.PathLike)):
+        raise TypeError(
+            f"{what} expects a keras.Model or the path of a .keras file. "
+            f"Received: model={model_or_path!r} (of type {type(model_or_path).__name__})"
+        )
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(f"`strict` must be True or False. Received: strict={strict!r}")
+    model = as_model(model_or_path, safe_mode=safe_mode)
+    if not model.built:
+        raise ValueError(
+            f"{type(model).__name__} '{model.name}' is not built, so it has no {holds} to {what}. "
+            "Build it (call it on data, or start it with keras.Input) and train it first."
+        )
+    return model
 
 
 def as_model(model_or_path, *, safe_mode=True):
