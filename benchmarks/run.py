@@ -26,6 +26,8 @@ BENCHMARKS = {
     "export": ("Exported models in their runtimes", "benchmarks.export"),
     "trace": ("Tracing keras-hub blocks", "benchmarks.trace"),
     "summary": ("bnseq.summary and freeze", "benchmarks.summary"),
+    "placements": ("BatchNormalization left in LiteRT, 12 placements", "benchmarks.litert_placements"),
+    "reparameterize": ("Reparameterized RepVGG blocks", "benchmarks.reparameterize"),
 }
 PLOT = "build_time.png"
 

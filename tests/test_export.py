@@ -429,3 +429,16 @@ def test_int8_failures_and_float16(digits_convnet, tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "digits.keras"), str(tmp_path / "cli.tflite"), "--quantize", "int8",
                      "--data", str(tmp_path / "data.npy")]) == 0
     assert "top-1 agreement" in capsys.readouterr().out
+
+
+def test_litert_keeps_nothing_of_batch_normalization_in_the_foldable_placements():
+    """Issue 31: after bnseq.fold, LiteRT holds no float MUL/ADD left of BN beyond the bare layers' own bias adds."""
+    from benchmarks import litert_placements
+
+    names = ["after Conv3D", "after Dense on a sequence", "after MaxPooling2D", "after AveragePooling2D",
+             "on the model input", "after an activation, nothing after"]
+    rows = {row[0]: row for row in litert_placements.measure(names)}
+    for name in names[:-1]:
+        placement, as_it_is, folded, bare, left, fold, _ = rows[name]
+        assert fold == "folded" and as_it_is > folded and left == 0, rows[name]
+    assert rows[names[-1]][5] == "kept" and rows[names[-1]][4] == 2  # reported, and MUL + ADD stay

@@ -300,7 +300,7 @@ def test_report_gives_each_reason():
         "layer with the identity activation folds",
         "after_pool: folded forward into conv",
         "wrong_axis: kept, its axis 1 is not the channel axis of Conv2D 'conv'",
-        "merged: folded forward into c",
+        "merged: split across Add 'add' and folded into a, b",
         "ok: folded into c",
     ]
     randomize_statistics(model)

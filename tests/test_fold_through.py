@@ -52,9 +52,9 @@ def pooled(rank, pool, data_format, padding="valid", bias=False, activation="tan
 
 def predict_error(model, folded, seed=1):
     x = probes.random_inputs(model, batch_size=4, seed=seed)[0]
-    expected = probes.predicted(model, x)
-    actual = probes.predicted(folded, x)
-    return float(np.max(np.abs(expected - actual)) / np.max(np.abs(expected)))
+    expected = keras.tree.flatten(probes.predicted(model, x))
+    actual = keras.tree.flatten(probes.predicted(folded, x))
+    return max(float(np.max(np.abs(e - a)) / np.max(np.abs(e))) for e, a in zip(expected, actual))
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -248,3 +248,105 @@ def test_padded_pooling_borders_stay_exact(data_format, pool, options):
     (decision,) = bnseq.fold_report(model)
     assert decision.folded
     assert predict_error(model, bnseq.fold(model)) <= 1e-5
+
+
+# Across merges: a BatchNormalization after an Add or a Concatenate of linear layers that only the merge reads.
+
+
+def merged(rank, merge, data_format, activation="tanh", bias=False):
+    spatial = (5,) * rank
+    shape = (3, *spatial) if data_format == "channels_first" else (*spatial, 3)
+    axis = 1 if data_format == "channels_first" else -1
+    inputs = keras.Input(shape)
+    a = CONVOLUTIONS[rank](4, 3, padding="same", use_bias=bias, data_format=data_format, name="conv_a")(inputs)
+    b = CONVOLUTIONS[rank](4 if merge != "concatenate" else 2, 1, use_bias=True, data_format=data_format,
+                           name="conv_b")(inputs)
+    if merge == "add":
+        x = layers.Add(name="merge")([a, b])
+    elif merge == "plus":
+        x = a + b
+    else:
+        x = layers.Concatenate(axis=axis, name="merge")([a, b])
+    x = layers.BatchNormalization(axis=axis, name="bn")(x)
+    if activation:
+        x = layers.Activation(activation, name="act")(x)
+    return statistics(keras.Model(inputs, x))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("merge", ["add", "plus", "concatenate"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_after_a_merge_of_linear_layers_it_splits_into_each(rank, merge, data_format):
+    model = merged(rank, merge, data_format)
+    folded, report = bnseq.fold_with_report(model)
+    (decision,) = report
+    assert decision.folded and decision.split == ("conv_a", "conv_b"), str(decision)
+    assert str(decision).startswith("bn: split across ") and str(decision).endswith("folded into conv_a, conv_b")
+    assert not any(isinstance(layer, layers.BatchNormalization) for layer in folded.layers)
+    assert predict_error(model, folded) < 1e-5
+
+
+def test_dense_layers_on_sequences_split_too_and_the_source_is_untouched():
+    inputs = keras.Input((6, 5))
+    a = layers.Dense(4, use_bias=False, name="a")(inputs)
+    b = layers.Dense(4, name="b")(inputs)
+    c = layers.Dense(4, name="c")(inputs)
+    model = statistics(keras.Model(inputs, layers.BatchNormalization(name="bn")(layers.Add(name="sum")([a, b, c]))))
+    before = [np.array(weight) for weight in model.get_weights()]
+    folded, report = bnseq.fold_with_report(model)
+    assert report[0].split == ("a", "b", "c")
+    assert predict_error(model, folded) < 1e-5
+    assert all(np.array_equal(x, y) for x, y in zip(before, model.get_weights()))
+
+
+def _merge_kept(kind):
+    inputs = keras.Input((6, 6, 3))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = layers.Conv2D(4, 1, name="b")(inputs)
+    if kind == "activation":
+        b = layers.Conv2D(4, 1, activation="relu", name="b_relu")(inputs)
+    if kind == "input":
+        b = layers.Conv2D(3, 1, name="b3")(inputs)
+        merged_ = layers.Add(name="sum")([layers.Conv2D(3, 1, name="a3")(inputs), inputs])
+        return statistics(keras.Model(inputs, layers.BatchNormalization(name="bn")(merged_)))
+    merged_ = layers.Add(name="sum")([a, b])
+    outputs = [layers.BatchNormalization(name="bn")(merged_)]
+    if kind == "shared":
+        outputs.append(a)
+    if kind == "merge_shared":
+        outputs.append(merged_)
+    if kind == "concat_width":
+        merged_ = layers.Concatenate(axis=2, name="cat")([a, b])
+        outputs = [layers.BatchNormalization(axis=3, name="bn")(merged_)]
+    return statistics(keras.Model(inputs, outputs))
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("activation", "Conv2D 'b_relu' applies its activation before Add 'sum'"),
+    ("shared", "the output of Conv2D 'a' is also used elsewhere"),
+    ("merge_shared", "the output of Add 'sum' is also used elsewhere"),
+    ("input", "an input of Add 'sum' is a model input"),
+    ("concat_width", "concatenates along axis 2, not the channel axis"),
+])
+def test_kept_across_a_merge_with_the_reason(kind, reason):
+    model = _merge_kept(kind)
+    report = bnseq.fold_report(model)
+    (decision,) = [each for each in report if each.batch_norm == "bn"]
+    assert not decision.folded and reason in decision.reason, str(decision)
+    assert predict_error(model, bnseq.fold(model)) < 1e-5
+
+
+def test_after_an_add_and_a_leaky_relu_it_splits_only_where_the_fusion_is_sound(monkeypatch):
+    from bnseq.deciding import fold_through
+
+    inputs = keras.Input((6, 6, 3))
+    a = layers.Conv2D(4, 3, padding="same", use_bias=False, name="a")(inputs)
+    b = layers.Conv2D(4, 1, use_bias=False, name="b")(inputs)
+    x = layers.BatchNormalization(name="bn")(layers.Add(name="sum")([a, b]))
+    model = statistics(keras.Model(inputs, layers.LeakyReLU(0.1, name="leaky")(x)))
+    monkeypatch.setattr(fold_through.probes, "leaky_relu_fusion_is_sound", lambda: False)
+    (decision,) = bnseq.fold_report(model)
+    assert not decision.folded and "oneDNN" in decision.reason
+    monkeypatch.undo()
+    folded = bnseq.fold(model)  # whatever this machine decides, predict stays right
+    assert predict_error(model, folded) < 1e-5

@@ -55,7 +55,7 @@ ACTIVATIONS = [None, "relu", "tanh"]
 FILTERS = 5
 STEPS = ["linear", "bn", "bn_wrong", "act", "skip", "concat", "shared", "nested", "sequential", "block",
          "permute", "reshape", "flatten", "lambda", "ops_act", "mode_block", "default_block", "counter_block",
-         "named_block", "shared_act"]
+         "named_block", "shared_act", "pool", "merge_linear", "repvgg"]
 # Activations written as operations (lint reads them as it reads the layers).
 OPS_ACTIVATIONS = [keras.ops.silu, keras.activations.relu, keras.activations.gelu, keras.ops.tanh]
 
@@ -119,9 +119,9 @@ class Drawn:
 
     # Steps ---------------------------------------------------------------------
 
-    def linear(self):
+    def linear(self, plain=False):
         draw, name = self.draw, self.name("linear")
-        activation = draw(st.sampled_from(ACTIVATIONS))
+        activation = None if plain else draw(st.sampled_from(ACTIVATIONS))
         use_bias = draw(st.booleans())
         if self.rank() != 4:
             layer = layers.Dense(draw(st.integers(2, 5)), activation=activation, use_bias=use_bias, name=name)
@@ -317,6 +317,68 @@ class Drawn:
         value = layers.Lambda(function, name=self.name("lambda"))(self.current.value)
         self.push(value, None if self.rank() > 2 else 1, "other")
 
+    def pool(self):
+        """Average or maximum pooling (a fold moves a BatchNormalization after it before it), or a global average."""
+        if self.rank() != 4 or self.current.axis not in (1, 3):
+            return
+        if self.draw(st.booleans()):  # a linear layer right before: what a fold moves the BatchNormalization to
+            self.linear(plain=True)
+        fmt = "channels_first" if self.current.axis == 1 else "channels_last"
+        kind = self.draw(st.sampled_from(["average", "max", "global"]))
+        name = self.name("pool")
+        if kind == "global":
+            self.push(layers.GlobalAveragePooling2D(data_format=fmt, name=name)(self.current.value), 1, "other")
+            return
+        pool = layers.AveragePooling2D if kind == "average" else layers.MaxPooling2D
+        value = pool(2, padding="same", data_format=fmt, name=name)(self.current.value)
+        self.push(value, self.current.axis, "other")
+        if self.draw(st.booleans()):
+            self.bn()
+
+    def merge_linear(self):
+        """Two new linear layers of the current tensor, merged by Add, `+` or Concatenate (a fold splits across it)."""
+        axis = self.current.axis
+        if axis is None or self.rank() not in (2, 4) or (self.rank() == 4 and axis not in (1, 3)):
+            return
+        fmt = "channels_first" if axis == 1 and self.rank() == 4 else "channels_last"
+        self.use(self.current)
+
+        def linear(size):
+            name = self.name("linear")
+            if self.rank() == 2:
+                return layers.Dense(3, name=name)(self.current.value)
+            return layers.Conv2D(FILTERS, size, padding="same", data_format=fmt, name=name)(self.current.value)
+
+        a, b = linear(3), linear(1)
+        kind = self.draw(st.sampled_from(["add", "plus", "concat"]))
+        if kind == "add":
+            value = layers.Add(name=self.name("add"))([a, b])
+        elif kind == "plus":
+            value = a + b
+        else:
+            value = layers.Concatenate(axis=axis, name=self.name("concat"))([a, b])
+        self.push(value, axis, "other")
+        if self.draw(st.booleans()):
+            self.bn()
+
+    def repvgg(self):
+        """A RepVGG block of the current tensor: 3x3 conv + BN, 1x1 conv + BN and a BN alone, summed, then ReLU."""
+        if self.rank() != 4 or self.current.axis not in (1, 3):
+            return
+        fmt = "channels_first" if self.current.axis == 1 else "channels_last"
+        channels = int(self.current.value.shape[self.current.axis])
+        self.use(self.current)
+        terms = []
+        for size in (3, 1):
+            conv = layers.Conv2D(channels, size, padding="same", use_bias=False, data_format=fmt,
+                                 name=self.name("linear"))(self.current.value)
+            terms.append(layers.BatchNormalization(axis=self.current.axis, name=self.name("bn"))(conv))
+        name = self.name("bn")
+        self.plant(name, self.current.axis, wrong=False)  # the identity branch follows what the block reads
+        terms.append(layers.BatchNormalization(axis=self.current.axis, name=name)(self.current.value))
+        value = layers.Add(name=self.name("add"))(terms) if self.draw(st.booleans()) else terms[0] + terms[1] + terms[2]
+        self.push(layers.ReLU(name=self.name("act"))(value), self.current.axis, "nonlinear")
+
     def use(self, tensor):
         tensor.uses += 1
 
@@ -346,6 +408,7 @@ def drawn_models(draw):
             "default_block": lambda: drawn.hazard_block("default_block"),
             "counter_block": lambda: drawn.hazard_block("counter_block"),
             "named_block": lambda: drawn.hazard_block("named_block"), "shared_act": drawn.shared_act,
+            "pool": drawn.pool, "merge_linear": drawn.merge_linear, "repvgg": drawn.repvgg,
         }[step]()
     if draw(st.booleans()):
         drawn.bn()
@@ -419,10 +482,18 @@ def test_fuzz_every_result_against_its_oracle(case):
     assert findings == drawn.expected, (findings ^ drawn.expected, [str(f) for f in found], describe(model))
     assert_same_state(source, model)
 
-    # fold: the same outputs, as predict runs the folded model and eagerly.
-    folded = bnseq.fold(model)
+    # fold: the same outputs, as predict runs the folded model and eagerly, or kept with a reason.
+    folded, report = bnseq.fold_with_report(model)
     assert relative(expected, probes.predicted(folded, x)) <= 1e-4
     assert relative(eager, probes.infer(folded, x)) <= 1e-4
+    assert all(decision.folded or decision.reason for decision in report), [str(d) for d in report]
+    assert_same_state(source, model)
+
+    # reparameterize, then fold: the same outputs, every sum merged or kept with a reason.
+    merged, sums = bnseq.reparameterize_with_report(model)
+    assert all(decision.merged or decision.reason for decision in sums), [str(d) for d in sums]
+    assert relative(expected, probes.predicted(merged, x)) <= 1e-4
+    assert relative(expected, probes.predicted(bnseq.fold(merged), x)) <= 1e-4
     assert_same_state(source, model)
 
     # batch_normalize(data=): the same outputs, or its documented refusal.

@@ -622,9 +622,9 @@ def _conv_add_then(make_activation):
 def test_the_leaky_relu_fusion_guard_reads_what_the_activation_computes(written, monkeypatch):
     """0.5 saw LeakyReLU only as a layer or ops.leaky_relu: written as a partial or a Lambda, predict was 6-18% off
     under TensorFlow with oneDNN. Here the unsound fusion is assumed, to test the decision on any machine."""
-    from bnseq.deciding import fold_plan
+    from bnseq.deciding import guards
 
-    monkeypatch.setattr(fold_plan.probes, "leaky_relu_fusion_is_sound", lambda: False)
+    monkeypatch.setattr(guards.probes, "leaky_relu_fusion_is_sound", lambda: False)
     (decision,) = bnseq.fold_report(_conv_add_then(LEAKY_WRITTEN[written]))
     assert not decision.folded and "LeakyReLU" in decision.reason
     (plain,) = bnseq.fold_report(_conv_add_then(lambda: layers.Activation("relu")))

@@ -15,6 +15,7 @@ from bnseq import probes
 from bnseq.changing import rewrite
 from bnseq.deciding import fold_math
 from bnseq.deciding import fold_plan
+from bnseq.deciding import fold_through
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
 
@@ -113,7 +114,14 @@ def fold_with_report(model, *, strict=False, safe_mode=True):
     plan = rewrite.Plan("fold", _plain_sequential)
     backward, forward, layers_by_id = {}, {}, {}
     for bn, producer, decision, consumer in decisions:
-        if producer is not None:
+        if decision.split is not None:
+            # Across an Add or Concatenate: each linear layer takes its part of the map, the merge stays.
+            merge = graph.sole_producer(bn)
+            for linear, part in zip(producer, fold_through.split_parts(graph, merge, bn, producer)):
+                backward[id(linear)] = ([part], None)
+                layers_by_id[id(linear)] = linear
+            plan.drop.add(id(bn))
+        elif producer is not None:
             # Through a pooling layer, an activation after the BatchNormalization stays after the pooling.
             activation = None if decision.through is not None else fold_plan.activation_after(graph, bn)
             # A BatchNormalization right after another folds into the same layer, after it.

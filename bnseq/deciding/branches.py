@@ -27,7 +27,7 @@ import numpy as np
 
 from bnseq import kinds
 from bnseq.deciding import fold_math
-from bnseq.deciding import fold_plan
+from bnseq.deciding import guards
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
 from bnseq.reading import partial
@@ -336,10 +336,10 @@ def _plan(call, branches, sums, graph):
     if any(each < 0 for pair in merged_pads for each in pair):
         return kept("the merged convolution would need a negative padding")
     output_shape = graph.output_shape(call.operation) if graph is not None else None
-    if fold_plan.bias_lands_on_the_wrong_axis(first, output_shape):
+    if guards.bias_lands_on_the_wrong_axis(first, output_shape):
         return kept(f"{kinds.describe(first)} would need a bias this backend adds on the wrong axis")
-    if fold_plan.fuses_wrongly(graph, first, call.operation):
-        return kept(fold_plan.FUSION_REASON.format(layer=f"the convolution merged from {name}"))
+    if guards.fuses_wrongly(graph, first, call.operation):
+        return kept(guards.FUSION_REASON.format(layer=f"the convolution merged from {name}"))
     biggest = next((conv for conv in convs if tuple(conv.kernel_size) == kernel_size), first)
     decision = Reparameterization(name, listed, True, into=biggest.name)
     return Plan(decision, call, tuple(branches), dropped, kernel_size, merged_pads)

@@ -183,13 +183,31 @@ def weights_with(layer, before, after, before_channels=None):
     ]
 
 
+class Part:
+    """The part of a BatchNormalization's map that one input of a merge takes (`fold_through.through_merge`).
+
+    `channels`: the slice of its channels this input holds (a
+    Concatenate), or `None` for all (an Add); `shift`: whether this input
+    takes the shift (an Add gives it to one input only).
+    """
+
+    def __init__(self, batch_norm, channels=None, shift=True):
+        self.batch_norm, self.channels, self.shift = batch_norm, channels, shift
+
+    def affine(self):
+        scale, shift = affine_of(self.batch_norm)
+        if self.channels is not None:
+            scale, shift = scale[self.channels], shift[self.channels]
+        return scale, shift if self.shift else np.zeros_like(shift)
+
+
 def composed_affine(batch_norms):
-    """The `(scale, shift)` of BatchNormalization layers applied one after the other (one, or a list)."""
+    """The `(scale, shift)` of BatchNormalization layers (or `Part`s) applied one after the other (one, or a list)."""
     if not isinstance(batch_norms, (list, tuple)):
-        return affine_of(batch_norms)
+        batch_norms = [batch_norms]
     scale, shift = 1.0, 0.0
     for bn in batch_norms:
-        step_scale, step_shift = affine_of(bn)
+        step_scale, step_shift = bn.affine() if isinstance(bn, Part) else affine_of(bn)
         scale, shift = step_scale * scale, step_scale * shift + step_shift
     return scale, shift
 

@@ -9,11 +9,11 @@ layers; they build nothing (`changing/folding.py` applies them).
 import dataclasses
 
 import keras
-import numpy as np
 
 from bnseq import kinds
-from bnseq import probes
 from bnseq.deciding import fold_math
+from bnseq.deciding import fold_through
+from bnseq.deciding import guards
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
 from bnseq.reading import layout
@@ -44,6 +44,10 @@ class FoldDecision:
             BatchNormalization that folds back into `producer`: that one's
             name (two affine maps in a row are one, and both fold into the
             same layer); `None` otherwise.
+        split: tuple of str or None. For one after an `Add` or a
+            `Concatenate` of linear layers that only it reads: those layers,
+            each of which takes its part (`through` names the merge); `None`
+            otherwise.
     """
 
     batch_norm: str
@@ -53,8 +57,11 @@ class FoldDecision:
     into: object = None
     through: object = None
     composed: object = None
+    split: object = None
 
     def __str__(self):
+        if self.folded and self.split is not None:
+            return f"{self.batch_norm}: split across {self.through} and folded into {', '.join(self.split)}"
         if self.folded and self.into is not None:
             across = "" if self.through is None else f", across {self.through}"
             return f"{self.batch_norm}: folded forward into {self.into}{across}"
@@ -131,12 +138,19 @@ def decide(graph):
             folded_back[id(layer)] = producer
             decisions.append((layer, producer, FoldDecision(layer.name, name, True, ""), None))
             continue
-        linear, why_not_through = through_pooling(graph, producer, layer, axes_of_graph)
+        linear, why_not_through = fold_through.through_pooling(graph, producer, layer, axes_of_graph)
         if linear is not None:
             decisions.append(
                 (layer, linear, FoldDecision(layer.name, linear.name, True, "", through=kinds.describe(producer)), None)
             )
             continue
+        if not why_not_through:
+            linears, why_not_through = fold_through.through_merge(graph, producer, layer, axes_of_graph)
+            if linears is not None:
+                split = tuple(linear.name for linear in linears)
+                decision = FoldDecision(layer.name, name, True, "", through=kinds.describe(producer), split=split)
+                decisions.append((layer, linears, decision, None))
+                continue
         if why_not_through:
             reason += f"; nor through it: {why_not_through}"
         consumer, why_not_forward_reason = forward_target(graph, layer)
@@ -189,77 +203,7 @@ def _composes(graph, first, second):
     if shape is None or not kinds.same_axis(second.axis, first.axis % len(shape), len(shape)):
         return False
     linear = graph.sole_producer(first)
-    return not fuses_wrongly(graph, linear, activation_after(graph, second) or second)
-
-
-_AVERAGING = (
-    keras.layers.AveragePooling1D,
-    keras.layers.AveragePooling2D,
-    keras.layers.AveragePooling3D,
-    keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D,
-)
-_MAXIMUM = (
-    keras.layers.MaxPooling1D,
-    keras.layers.MaxPooling2D,
-    keras.layers.MaxPooling3D,
-    keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalMaxPooling3D,
-)
-
-
-def through_pooling(graph, pool, bn, axes_of_graph):
-    """(the linear layer `bn` folds into through pooling layer `pool`, None), or (None, why not or "").
-
-    Pooling acts on each channel alone, so a per-channel affine map `scale * x
-    + shift` after it equals the same map before it: exactly for averages
-    (the weights of an average sum to 1, padded positions included or not),
-    and for a maximum where every channel's `scale` is 0 or more. Moved
-    before the pooling, the BatchNormalization folds into the linear layer
-    there, as it would right after it. `axes_of_graph()` gives the graph's
-    channel axes (`layout.axes_of_graph`).
-    """
-    if pool is None or not isinstance(pool, _AVERAGING + _MAXIMUM) or not kinds.is_keras_class(type(pool)):
-        return None, ""
-    linear = graph.sole_producer(pool)
-    if linear is None or not kinds.is_linear(linear):
-        return None, ""
-    described = kinds.describe(linear)
-    if not kinds.is_identity(linear.activation):
-        return None, f"{described} applies its activation before {kinds.describe(pool)}"
-    if not graph.feeds_only(pool, bn) or graph.calls_of(pool) != 1:
-        return None, f"the output of {kinds.describe(pool)} is also used elsewhere"
-    if not graph.feeds_only(linear, pool):
-        return None, f"the output of {described} is also used elsewhere"
-    if not graph.parents.get(id(linear)) is graph.parents.get(id(pool)) is graph.parents.get(id(bn)):
-        return None, f"{described} is in a different model"
-    rank = kinds.output_rank(linear)
-    channels = kinds.channel_axis(linear) % rank
-    pooled = 1 if getattr(pool, "data_format", "channels_last") == "channels_first" else rank - 1
-    if channels != pooled:
-        return None, f"{kinds.describe(pool)} pools along the channel axis of {described}"
-    shape = graph.output_shape(bn)
-    expected = axes_of_graph().get(id(bn))
-    if shape is None or expected is None or not kinds.same_axis(bn.axis, expected, len(shape)):
-        return None, f"its axis {bn.axis} is not the channel axis of {described}"
-    if isinstance(pool, _MAXIMUM):
-        scale, _ = fold_math.affine_of(bn)
-        negative = [int(index) for index in np.flatnonzero(scale < 0)]
-        if negative:
-            listed = ", ".join(str(index) for index in negative[:8]) + (" ..." if len(negative) > 8 else "")
-            return None, (
-                f"a maximum commutes with its scale only where the scale is not negative, and channel"
-                f"{'s' if len(negative) > 1 else ''} {listed} of its {len(scale)} "
-                f"{'have' if len(negative) > 1 else 'has'} a negative gamma / sqrt(variance + epsilon)"
-            )
-    if bias_lands_on_the_wrong_axis(linear, graph.output_shape(linear)):
-        return None, f"{described} would need a bias this backend adds on the wrong axis"
-    why = kinds.why_not_copied(linear)
-    if why is not None:
-        return None, f"{described} cannot be re-created from its config: {why}"
-    return linear, None
+    return not guards.fuses_wrongly(graph, linear, activation_after(graph, second) or second)
 
 
 def forward_target(graph, bn):
@@ -284,10 +228,10 @@ def forward_target(graph, bn):
     expected = -1 if isinstance(consumer, keras.layers.Dense) else kinds.channel_axis(consumer)
     if not kinds.same_axis(bn.axis, expected, rank):
         return None, f"its axis {bn.axis} is not the input channel axis of {kinds.describe(consumer)}"
-    if not consumer.use_bias and bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
+    if not consumer.use_bias and guards.bias_lands_on_the_wrong_axis(consumer, graph.output_shape(consumer)):
         return None, f"{kinds.describe(consumer)} would need a bias this backend adds on the wrong axis"
-    if not consumer.use_bias and fuses_wrongly(graph, consumer, consumer):
-        return None, FUSION_REASON.format(layer=kinds.describe(consumer))
+    if not consumer.use_bias and guards.fuses_wrongly(graph, consumer, consumer):
+        return None, guards.FUSION_REASON.format(layer=kinds.describe(consumer))
     return consumer, None
 
 
@@ -351,7 +295,7 @@ def _why_not(graph, producer, bn):
             f"its axis {bn.axis} is not the channel axis of "
             f"{kinds.describe(producer)}"
         )
-    if bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
+    if guards.bias_lands_on_the_wrong_axis(producer, graph.output_shape(producer)):
         return (
             f"{kinds.describe(producer)} is channels_first with as many channels "
             "as its last spatial size, where this Keras backend adds a bias "
@@ -362,77 +306,9 @@ def _why_not(graph, producer, bn):
     if why is not None:
         return f"{kinds.describe(producer)} cannot be re-created from its config: {why}"
     activation = activation_after(graph, bn)
-    if fuses_wrongly(graph, producer, activation or bn):
-        return FUSION_REASON.format(layer=kinds.describe(producer))
+    if guards.fuses_wrongly(graph, producer, activation or bn):
+        return guards.FUSION_REASON.format(layer=kinds.describe(producer))
     return None
-
-
-FUSION_REASON = (
-    "folding would give {layer} a bias followed by an add and a LeakyReLU, which TensorFlow with oneDNN "
-    "fuses into one kernel that ignores the slope under predict (probes.leaky_relu_fusion_is_sound); kept "
-    "so that predict stays right"
-)
-
-
-def fuses_wrongly(graph, layer, owner):
-    """Whether a folded `layer`, with a bias, taking the place of `owner`'s output, would meet the bad fusion."""
-    if isinstance(layer, keras.layers.Dense) or probes.leaky_relu_fusion_is_sound():
-        return False
-    return any(
-        _is_add(consumer) and any(_is_leaky_relu(after) for after in graph.consumers(consumer))
-        for consumer in graph.consumers(owner)
-    )
-
-
-def _is_add(operation):
-    return isinstance(operation, keras.layers.Add) or type(operation).__name__ == "Add"  # the layer or keras.ops.add
-
-
-def _is_leaky_relu(operation):
-    """Whether `operation` may compute a leaky ReLU, decided on what it computes, not how it was written.
-
-    A LeakyReLU layer or op, a ReLU with a negative slope, and an `Activation`
-    whose function, probed on -1 and 1, keeps 1 and lets -1 through scaled
-    (`partial(leaky_relu, 0.05)`, `partial(relu, negative_slope=0.05)`, an
-    ELU too: kept on the safe side). A `Lambda` or a layer that is not
-    Keras's own may compute anything, so it counts as one.
-    """
-    if isinstance(operation, keras.layers.LeakyReLU) or type(operation).__name__ == "LeakyRelu":
-        return True
-    if isinstance(operation, keras.layers.ReLU):
-        return bool(operation.negative_slope)
-    if isinstance(operation, keras.layers.Lambda) or (
-        isinstance(operation, keras.layers.Layer) and not kinds.is_keras_class(type(operation))
-    ):
-        return True
-    if isinstance(operation, keras.layers.Activation):
-        return _lets_negatives_through(operation.activation)
-    return False
-
-
-def _lets_negatives_through(function):
-    try:
-        values = keras.ops.convert_to_numpy(function(keras.ops.convert_to_tensor([-1.0, 1.0])))
-    except Exception:  # an activation that cannot be probed alone: on the safe side
-        return True
-    return bool(abs(float(values[1]) - 1.0) < 1e-6 and float(values[0]) < 0.0)
-
-
-def bias_lands_on_the_wrong_axis(layer, shape):
-    """Whether `layer`'s bias would be added along the wrong axis.
-
-    See `probes.bias_add_is_sound`: where the backend guesses the layout of a
-    bias from the input's shape, a channels_first layer whose last spatial size
-    equals its channel count gets its bias on the last axis in eager calls
-    (`predict`'s compiled graph is right). The layer's own BatchNormalization
-    is not affected, so folding would change outputs exactly then.
-    """
-    if kinds.channel_axis(layer) != 1:
-        return False
-    if shape is None:
-        return True  # unknown: keep the BatchNormalization, to be safe
-    # An unknown last size (Input((C, None, None))) may equal the channel count at run time.
-    return (shape[-1] is None or shape[-1] == shape[1]) and not probes.bias_add_is_sound()
 
 
 def activation_after(graph, bn):
