@@ -139,6 +139,7 @@ def test_summary_names_the_pooling_layer():
     assert row.fold == "into conv, moved before AveragePooling2D 'pool'"
 
 
+@pytest.mark.slow
 def test_densenet_transition_pooling_is_kept_because_the_dense_block_reads_it_too():
     """DenseNet121's pooled transition output feeds both a BatchNormalization and the block's Concatenate."""
     model = keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=4)
