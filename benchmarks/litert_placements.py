@@ -21,6 +21,7 @@ from keras import layers
 
 import bnseq
 from benchmarks import common
+from bnseq.exporting import runtimes
 
 
 def _placement(builder, shape, first=False):
@@ -113,6 +114,10 @@ HEADER = ("placement", "MUL+ADD as it is", "after bnseq.fold", "without BN (bias
 
 
 def run(quick=False):
+    try:  # the converter's artifacts are counted in LiteRT (the litert extra)
+        runtimes.runtime("litert")
+    except (ImportError, ValueError) as error:
+        return common.table(["placement", "not run"], [["all 12", str(error)[:80]]]), []
     names = ["after Conv2D", "after MaxPooling2D", "after an activation, nothing after"] if quick else None
     rows = measure(names)
     foldable = [row for row in rows if row[0] != "after an activation, nothing after"]
