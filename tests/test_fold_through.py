@@ -351,3 +351,34 @@ def test_after_an_add_and_a_leaky_relu_it_splits_only_where_the_fusion_is_sound(
     monkeypatch.undo()
     folded = bnseq.fold(model)  # whatever this machine decides, predict stays right
     assert predict_error(model, folded) < 1e-5
+
+
+# Across a nested model's boundary: where each layer is called once, the fold changes nothing else.
+
+
+@pytest.mark.parametrize("nesting", ["sequential", "functional"])
+def test_a_convolution_inside_a_nested_model_takes_the_outer_batch_norm(nesting):
+    if nesting == "sequential":
+        inner = keras.Sequential([keras.Input((6, 6, 3)), layers.Conv2D(4, 3, name="c")], name="inner")
+    else:
+        inner_inputs = keras.Input((6, 6, 3))
+        inner = keras.Model(inner_inputs, layers.Conv2D(4, 3, name="c")(inner_inputs), name="inner")
+    inputs = keras.Input((6, 6, 3))
+    x = layers.BatchNormalization(name="bn")(inner(inputs))
+    model = statistics(keras.Model(inputs, layers.Activation("relu", name="act")(x)))
+    folded, (decision,) = bnseq.fold_with_report(model)
+    assert str(decision) == "bn: folded into c"
+    assert not any(isinstance(layer, layers.BatchNormalization) for layer in folded._flatten_layers())
+    assert predict_error(model, folded) < 1e-5
+
+
+def test_a_nested_model_called_twice_keeps_its_batch_norms_with_the_reason():
+    tower = keras.Sequential([keras.Input((4,)), layers.Dense(3, name="d")], name="tower")
+    a, b = keras.Input((4,)), keras.Input((4,))
+    model = keras.Model(
+        [a, b], [layers.BatchNormalization(name="bn_a")(tower(a)), layers.BatchNormalization(name="bn_b")(tower(b))]
+    )
+    statistics(model)
+    report = bnseq.fold_report(model)
+    assert [decision.folded for decision in report] == [False, False]
+    assert all("also used elsewhere" in decision.reason for decision in report)

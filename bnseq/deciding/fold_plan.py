@@ -197,7 +197,7 @@ def _composes(graph, first, second):
     """Whether `second`, right after `first` (which folds back into the linear layer before it), folds there too."""
     if not graph.feeds_only(first, second) or graph.calls_of(first) != 1:
         return False
-    if graph.parents.get(id(first)) is not graph.parents.get(id(second)):
+    if graph.apart(first, second):
         return False
     shape = graph.output_shape(first)
     if shape is None or not kinds.same_axis(second.axis, first.axis % len(shape), len(shape)):
@@ -218,8 +218,8 @@ def forward_target(graph, bn):
         return None, ""
     if graph.producers(consumer) != [bn] or graph.calls_of(consumer) != 1:
         return None, f"{kinds.describe(consumer)} also takes other inputs"
-    if graph.parents.get(id(consumer)) is not graph.parents.get(id(bn)):
-        return None, f"{kinds.describe(consumer)} is in a different model"
+    if graph.apart(consumer, bn):
+        return None, f"{kinds.describe(consumer)} is in a different model, called more than once"
     reason = fold_math.why_not_forward(consumer)
     if reason is not None:
         return None, reason
@@ -259,8 +259,8 @@ def _across_flattening(graph, bn, flattening):
         return None, ""
     if graph.producers(dense) != [flattening] or graph.calls_of(dense) != 1:
         return None, f"{kinds.describe(dense)} also takes other inputs"
-    if not graph.parents.get(id(bn)) is graph.parents.get(id(flattening)) is graph.parents.get(id(dense)):
-        return None, f"{kinds.describe(dense)} is in a different model"
+    if graph.apart(bn, flattening, dense):
+        return None, f"{kinds.describe(dense)} is in a different model, called more than once"
     shape = graph.output_shape(bn)
     if shape is None or any(size is None for size in shape[1:]):
         return None, f"the shape it gives {kinds.describe(flattening)} is not fully known"
@@ -288,8 +288,8 @@ def _why_not(graph, producer, bn):
         )
     if not graph.feeds_only(producer, bn):
         return f"the output of {kinds.describe(producer)} is also used elsewhere"
-    if graph.parents.get(id(producer)) is not graph.parents.get(id(bn)):
-        return f"it is in a different model than {kinds.describe(producer)}"
+    if graph.apart(producer, bn):
+        return f"it is in a different model than {kinds.describe(producer)}, and one of them is called more than once"
     if not kinds.same_axis(bn.axis, kinds.channel_axis(producer), kinds.output_rank(producer)):
         return (
             f"its axis {bn.axis} is not the channel axis of "
@@ -328,6 +328,6 @@ def activation_after(graph, bn):
     producer = graph.sole_producer(bn)
     if producer is not None and activation.dtype_policy.name != producer.dtype_policy.name:
         return None  # a float32 softmax after a bfloat16 layer, as mixed precision recommends: kept apart
-    if graph.parents.get(id(activation)) is not graph.parents.get(id(bn)):
+    if graph.apart(activation, bn):
         return None
     return activation

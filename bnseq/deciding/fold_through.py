@@ -61,8 +61,8 @@ def through_pooling(graph, pool, bn, axes_of_graph):
         return None, f"the output of {kinds.describe(pool)} is also used elsewhere"
     if not graph.feeds_only(linear, pool):
         return None, f"the output of {described} is also used elsewhere"
-    if not graph.parents.get(id(linear)) is graph.parents.get(id(pool)) is graph.parents.get(id(bn)):
-        return None, f"{described} is in a different model"
+    if graph.apart(linear, pool, bn):
+        return None, f"{described} is in a different model, called more than once"
     rank = kinds.output_rank(linear)
     channels = kinds.channel_axis(linear) % rank
     pooled = 1 if getattr(pool, "data_format", "channels_last") == "channels_first" else rank - 1
@@ -131,8 +131,8 @@ def through_merge(graph, merge, bn, axes_of_graph):
             return None, f"{name} applies its activation before {described}"
         if not graph.feeds_only(linear, merge) or graph.calls_of(linear) != 1:
             return None, f"the output of {name} is also used elsewhere"
-        if not graph.parents.get(id(linear)) is graph.parents.get(id(merge)) is graph.parents.get(id(bn)):
-            return None, f"{name} is in a different model"
+        if graph.apart(linear, merge, bn):
+            return None, f"{name} is in a different model, called more than once"
         own = graph.output_shape(linear)
         if own is None or kinds.channel_axis(linear) % len(own) != expected % len(shape):
             return None, f"the channel axis of {name} is not the one it normalizes"

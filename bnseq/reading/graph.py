@@ -91,6 +91,15 @@ class Graph:
             return "it is a Keras layer whose call() bnseq does not trace"
         return "its call() has no graph"
 
+    def apart(self, *layers):
+        """Whether `layers` sit in different models and one of them is called more than once.
+
+        A fold across a nested model's boundary changes what that model
+        returns; where each layer is called once, nothing else sees it.
+        """
+        parents = {id(self.parents.get(id(layer))) for layer in layers}
+        return len(parents) > 1 and any(self.calls_of(layer) != 1 for layer in layers)
+
     def feeds_only(self, producer, consumer):
         """Whether `consumer` is the only user of `producer`'s output.
 
