@@ -28,6 +28,7 @@ BENCHMARKS = {
     "summary": ("bnseq.summary and freeze", "benchmarks.summary"),
     "placements": ("BatchNormalization left in LiteRT, 12 placements", "benchmarks.litert_placements"),
     "reparameterize": ("Reparameterized RepVGG blocks", "benchmarks.reparameterize"),
+    "quantize_aware": ("Quantization-aware training, in LiteRT", "benchmarks.quantize_aware"),
 }
 PLOT = "build_time.png"
 

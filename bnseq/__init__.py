@@ -13,6 +13,11 @@ from bnseq.changing.freezing import unfreeze
 from bnseq.changing.layers import BatchNormalization
 from bnseq.changing.marks import with_batch_norm
 from bnseq.changing.marks import without_batch_norm
+from bnseq.changing.quantized_layers import ActivationQuantizer
+from bnseq.changing.quantized_layers import QuantizedLinear
+from bnseq.changing.quantizing import QuantizeAwareReport
+from bnseq.changing.quantizing import quantize_aware
+from bnseq.changing.quantizing import quantize_aware_with_report
 from bnseq.changing.reparameterizing import reparameterize
 from bnseq.changing.reparameterizing import reparameterize_with_report
 from bnseq.changing.sequential import Sequential
@@ -25,6 +30,7 @@ from bnseq.deciding.fold_plan import fold_report
 from bnseq.deciding.overview import Summary
 from bnseq.deciding.overview import SummaryRow
 from bnseq.deciding.overview import summary
+from bnseq.deciding.quantize_plan import QuantizeDecision
 from bnseq.exporting.exporter import ExportReport
 from bnseq.exporting.exporter import ToleranceError
 from bnseq.exporting.exporter import export
@@ -35,6 +41,7 @@ from bnseq.statistics.recalibration import RecalibrationReport
 from bnseq.statistics.recalibration import recalibrate
 
 __all__ = [
+    "ActivationQuantizer",
     "BatchNormPlacementWarning",
     "BatchNormalization",
     "ExportReport",
@@ -43,6 +50,9 @@ __all__ = [
     "FreezeReport",
     "FrozenBatchNormalization",
     "PlatformWarning",
+    "QuantizeAwareReport",
+    "QuantizeDecision",
+    "QuantizedLinear",
     "Recalibration",
     "RecalibrationReport",
     "Reparameterization",
@@ -58,6 +68,8 @@ __all__ = [
     "fold_with_report",
     "freeze",
     "lint",
+    "quantize_aware",
+    "quantize_aware_with_report",
     "recalibrate",
     "reparameterize",
     "reparameterize_report",

@@ -154,6 +154,16 @@ def describe(layer, index=None):
     return f"{type(layer).__name__} '{layer.name}'{where}"
 
 
+def reads_as_leaf(layer):
+    """Whether `layer` is one of bnseq's own layers that hold others but are read whole (never traced).
+
+    A `QuantizedLinear` holds a linear layer and a BatchNormalization that it
+    computes with itself; reading them as a graph would describe a model that
+    is not there.
+    """
+    return bool(getattr(type(layer), "bnseq_reads_as_leaf", False))
+
+
 def is_keras_class(kind):
     """Whether the class `kind` is one of Keras's own (defined in a `keras.` module)."""
     return kind.__module__.startswith("keras.")

@@ -6,7 +6,9 @@ same object); `sequential`, `units`, `marks` and `layers` are the three routes o
 writing BatchNormalization (`bnseq.Sequential`, `with_batch_norm` /
 `without_batch_norm`, `bnseq.BatchNormalization`); `convert` is
 `bnseq.batch_normalize`; `folding` is `bnseq.fold`; `freezing` is `bnseq.freeze`
-and `bnseq.unfreeze`.
+and `bnseq.unfreeze`; `reparameterizing` is `bnseq.reparameterize`;
+`quantized_layers` and `quantizing` are the layers of a quantize-aware model and
+`bnseq.quantize_aware`, which builds one.
 
 May import: `bnseq.reading`, `bnseq.deciding`, `bnseq.statistics` (to calibrate
 on data) and the cross-cutting modules.

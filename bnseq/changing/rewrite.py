@@ -282,6 +282,9 @@ class Plan:
             is called on the first tensor among their arguments alone (a sum
             of branches that all pass the same tensor through, replaced by
             one convolution of it).
+        inputs: dict or None. `graph.Ref` of a model input -> the layers
+            called on it, one after the other, before anything reads it. A
+            plan with `inputs` always rebuilds one functional model.
     """
 
     what: str
@@ -290,6 +293,7 @@ class Plan:
     drop: set = dataclasses.field(default_factory=set)
     finish: list = dataclasses.field(default_factory=list)
     first_tensor: set = dataclasses.field(default_factory=set)
+    inputs: object = None
 
 
 def apply(model, plan, flat=None):
@@ -312,7 +316,7 @@ def apply(model, plan, flat=None):
         TypeError: for a subclassed model that does not trace.
         ValueError: when the inlined model would hold two layers of one name.
     """
-    if flat is not None and flat.traced:
+    if flat is not None and (flat.traced or plan.inputs is not None):
         result = _rebuild_flat(model, flat, plan)
     else:
         result = _rebuild(model, plan, flat)
@@ -342,13 +346,19 @@ def _rebuild_flat(model, flat, plan):
     `.keras` as any functional model does (Keras serializes `keras.ops`
     nodes) and loads where the classes of the traced layers are unknown.
     """
-    values = {}
+    values, inputs = {}, {}
     for ref in flat.inputs:
         spec = ref.spec
-        values[ref] = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, sparse=spec.sparse, name=ref.name)
+        inputs[ref] = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, sparse=spec.sparse, name=ref.name)
+        values[ref] = inputs[ref]
+        for layer in (plan.inputs or {}).get(ref, ()):
+            values[ref] = layer(values[ref])
 
     def value_of(item):
         return values[item] if isinstance(item, graph.Ref) else item
+
+    def input_of(item):
+        return inputs[item] if isinstance(item, graph.Ref) else item
 
     names = naming.Names(model)
     for call in flat.calls:
@@ -377,7 +387,7 @@ def _rebuild_flat(model, flat, plan):
             "by the block's name)."
         )
     return keras.Model(
-        keras.tree.map_structure(value_of, flat.input_structure),
+        keras.tree.map_structure(input_of, flat.input_structure),
         keras.tree.map_structure(value_of, flat.output_structure),
         name=model.name,
         trainable=model.trainable,

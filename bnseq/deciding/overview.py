@@ -10,6 +10,8 @@ mode it runs in under `fit` (`fine_tuning.mode_of`), what `fold` does with it
 import dataclasses
 import textwrap
 
+from bnseq import internals
+from bnseq import kinds
 from bnseq.deciding import findings as findings_module
 from bnseq.deciding import fine_tuning
 from bnseq.deciding import fold_plan
@@ -115,6 +117,10 @@ def summary(model_or_path, *, safe_mode=True, batch_size=None):
     for finding in found:
         by_layer.setdefault(finding.layer, []).append(finding.code)
     folds = {id(bn): decision for bn, _, decision, _ in fold_plan.decide(graph)}
+    for unit in graph.layers:  # a QuantizedLinear folds its own BatchNormalization (quantize_aware)
+        if kinds.reads_as_leaf(unit):
+            for inner in internals.inner_layers(unit):
+                folds.setdefault(id(inner), f"into {unit.name} on export (quantize-aware)")
     with_paths = holding.batch_norms_with_paths(model)
     paths = {id(layer): "/".join(path) for layer, path in with_paths}
     order = {id(layer): layer for layer in graph.flat.batch_norms()}
@@ -140,6 +146,8 @@ def summary(model_or_path, *, safe_mode=True, batch_size=None):
 def _fold(decision):
     if decision is None:
         return "kept: fold does not reach it"
+    if isinstance(decision, str):
+        return decision
     if decision.folded and decision.into is not None:
         across = "" if decision.through is None else f", across {decision.through}"
         return f"forward into {decision.into}{across}"

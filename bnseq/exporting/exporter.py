@@ -96,6 +96,8 @@ class ExportReport:
 
     def __str__(self):
         kind = self.format if self.quantization is None else f"{self.format} {self.quantization.kind}"
+        if self.quantization is not None and self.quantization.aware:
+            kind += " (quantize-aware)"
         lines = [
             f"{kind} {self.path} ({self.size:,} bytes)",
             f"BatchNormalization: {self.folded} folded, {self.kept} kept",
@@ -108,7 +110,17 @@ class ExportReport:
                 f"(folded/unfolded {self.latency / self.unfolded_latency:.2f})"
             )
         quantization = self.quantization
-        if quantization is not None:
+        if quantization is not None and quantization.aware:
+            agreement = "" if quantization.agreement is None else f"top-1 agreement {quantization.agreement:.4f}, "
+            lines[2] += f" on {quantization.examples} examples"
+            steps = "" if quantization.steps is None else f", largest {quantization.steps:.3g} output steps"
+            lines.append(
+                f"against the quantize-aware model: {agreement}mean relative difference "
+                f"{quantization.mean_rel:.3g}{steps}"
+            )
+            if self.format == "litert":
+                lines.append(f"operators computing in float: {', '.join(quantization.float_operators) or 'none'}")
+        elif quantization is not None:
             agreement = "" if quantization.agreement is None else f"top-1 agreement {quantization.agreement:.4f}, "
             lines[2] += f" on {quantization.examples} examples of data"
             lines.append(
@@ -217,10 +229,14 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
     chosen = _format_of(path, format)
     _check_target(path, chosen, source, overwrite)
     model = files.as_model(model, safe_mode=safe_mode)
-    quantizing.check_quantize(quantize, chosen, data, recalibrate)
+    aware = quantizing.quantize_aware_layers(model)
+    if aware:  # int8 from the ranges it learned; its BatchNormalization is folded in its units already
+        quantize, fold = quantizing.check_quantize_aware(model, quantize, chosen, recalibrate), False
+    else:
+        quantizing.check_quantize(quantize, chosen, data, recalibrate)
     runtime = runtimes.runtime(chosen)
     inputs = probes.random_inputs(model) if sample is None else checking.flat_inputs(model, sample, "sample")
-    checked = inputs if quantize is None else checking.flat_inputs(model, data, "data")
+    checked = inputs if data is None else checking.flat_inputs(model, data, "data")
     tolerance = _default_rtol(model, quantize) if rtol is None else rtol
     # recalibrate= works on the model's own statistics: every variable is put back afterwards.
     with probes.unchanged(model) if recalibrate else contextlib.nullcontext():
@@ -252,7 +268,11 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
             run = runtimes.loaded(runtime, staged, names, threads, chosen, safe_mode, path, inputs, precision)
             outputs = checking.paired(references[0], runtimes.in_batches(run, checked), chosen)
             max_abs, max_rel = min(checking.difference(reference, outputs) for reference in references)
-            if quantize is not None:
+            if quantize == quantizing.QUANTIZE_AWARE:
+                quantization, latency = quantizing.quantize_aware_check(
+                    references[0], outputs, staged, inputs, threads, run, chosen
+                )
+            elif quantize is not None:
                 quantization, latency = quantizing.quantization(
                     quantize, target, references[0], outputs, inputs, names, threads, recalibrate, run
                 )
@@ -273,11 +293,14 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
             runtimes.remove(staged)
             raise
     folded = sum(decision.folded for decision in decisions) if fold else 0
+    kept = len(decisions) - folded
+    if aware:  # the units' BatchNormalization layers fold in the export; the others stay (as int8 MUL and ADD)
+        folded, kept = sum(getattr(layer, "batch_norm", None) is not None for layer in aware), len(decisions)
     report_fields = dict(
         format=chosen,
         size=runtimes.size(staged),
         folded=folded,
-        kept=len(decisions) - folded,
+        kept=kept,
         max_abs=max_abs,
         max_rel=max_rel,
         latency=latency,
@@ -310,16 +333,25 @@ def _failure(chosen, path, fields, tolerance, quantize, min_agreement, model, fo
             "Recalibrate on representative data first (recalibrate=True, on the command line --recalibrate), "
             "pass data that covers what the model will see, or quantize='float16'."
         )
+        against, runtime = "the float model", "LiteRT"
+        if quantization.aware:
+            against, runtime = "the quantize-aware model", {"litert": "LiteRT", "onnx": "ONNX"}[chosen]
+            advice = (
+                f"{runtime} rounds in integers where the quantize-aware model rounds in float, so outputs move by "
+                "a step here and there; more than that means ranges its training has not settled (train it "
+                "longer, with freeze_statistics_after=), or inputs far outside them (check on data= like the "
+                "training data)."
+            )
         if quantization.agreement is not None and not quantization.agreement >= min_agreement:
             return (
-                f"The {quantization.kind} LiteRT export agrees with the float model on the top-1 class of "
+                f"The {quantization.kind} {runtime} export agrees with {against} on the top-1 class of "
                 f"{quantization.agreement:.4f} of {quantization.examples} examples, less than "
                 f"min_agreement={min_agreement:g}. {advice}"
             )
         if not quantization.mean_rel <= tolerance:
             return (
-                f"The {quantization.kind} LiteRT export differs from the float model by a mean relative "
-                f"{quantization.mean_rel:.3g} on data, more than rtol={tolerance:g}. {advice}"
+                f"The {quantization.kind} {runtime} export differs from {against} by a mean relative "
+                f"{quantization.mean_rel:.3g}, more than rtol={tolerance:g}. {advice}"
             )
         return None
     if fields["max_rel"] <= tolerance:

@@ -59,7 +59,7 @@ def write(model, path, chosen, quantize=None, data=None, names=None, shown=None)
     if chosen == "keras":
         model.save(path)
         return
-    options = {} if quantize is None else _converter_options(quantize, data, names)
+    options = {} if quantize is None or chosen != "litert" else _converter_options(quantize, data, names)
     try:
         model.export(path, format=chosen, verbose=False, **options)
     except Exception as error:  # the converters raise their own error classes
@@ -76,6 +76,10 @@ def _converter_options(quantize, data, names):
 
     if quantize == "float16":
         return {"optimizations": [tf.lite.Optimize.DEFAULT], "target_spec": {"supported_types": [tf.float16]}}
+    if quantize == "quantize-aware":
+        # The ranges come from the model's FakeQuant ops; what has none (a layer left in float) stays float.
+        return {"optimizations": [tf.lite.Optimize.DEFAULT], "inference_input_type": tf.int8,
+                "inference_output_type": tf.int8}
 
     def representative():
         for index in range(min(len(data[0]), CALIBRATION_EXAMPLES)):
@@ -169,6 +173,38 @@ def run_litert(path, names, threads, **_):
         return [(name, _dequantized(results[name], outputs[name])) for name in outputs]
 
     return run
+
+
+def _operators(path):
+    """Each operator of a `.tflite` file: (name, dtypes of its inputs, dtypes of its outputs).
+
+    LiteRT's interpreter has no public list of operators: `_get_ops_details`
+    (checked on ai-edge-litert 2.3) is what its own analyzer reads.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    tensors = {detail["index"]: np.dtype(detail["dtype"]).name for detail in interpreter.get_tensor_details()}
+    return [
+        (op["op_name"], [tensors[i] for i in op["inputs"] if i >= 0], [tensors[i] for i in op["outputs"]])
+        for op in interpreter._get_ops_details()
+    ]
+
+
+def float_operators(path):
+    """The operators of a `.tflite` file that compute in float (a DEQUANTIZE into float excepted)."""
+    return [
+        name for name, inputs, outputs in _operators(path)
+        if name not in ("DEQUANTIZE", "QUANTIZE", "DELEGATE") and any(dtype.startswith("float") for dtype in outputs)
+    ]
+
+
+def output_scales(path):
+    """`(output name, the scale of its int8 levels)` in the runner's order (0.0 for a float output)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=path).get_signature_runner()
+    return [(name, float(detail["quantization"][0])) for name, detail in runner.get_output_details().items()]
 
 
 def in_batches(run, flat, size=256):

@@ -381,6 +381,8 @@ def hidden_batch_norms(layer):
     """
     if not isinstance(layer, keras.Layer) or isinstance(layer, keras.layers.BatchNormalization):
         return []
+    if kinds.reads_as_leaf(layer):  # a QuantizedLinear computes with its BatchNormalization folded in
+        return []
     return [each for each in internals.inner_layers(layer) if isinstance(each, keras.layers.BatchNormalization)]
 
 

@@ -99,7 +99,7 @@ def should_trace(layer):
     graphs, and not one of Keras's own layers) holding a BatchNormalization
     or a layer bnseq rewrites.
     """
-    if not isinstance(layer, keras.Layer) or kinds.is_keras_class(type(layer)):
+    if not isinstance(layer, keras.Layer) or kinds.is_keras_class(type(layer)) or kinds.reads_as_leaf(layer):
         return False
     if isinstance(layer, keras.Sequential) or internals.is_functional(layer):
         return False
