@@ -6,6 +6,7 @@ docs/architecture.md draws the map; this test holds the code to it. Every
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -148,3 +149,69 @@ def test_the_map_names_every_subpackage_and_module():
         if name not in text:
             missing.append(name)
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+# Where each module is tested: a test module of its own, or the test module of the public function
+# it is the inside of, with the evidence that the test module reaches it (a regular expression that
+# must occur in that file: the module imported, or the public entry point called). A new module
+# fails `test_every_module_has_its_tests` until it is given its tests here.
+TESTED_BY = {
+    "bnseq.__main__": ("test_cli.py", r'"-m", "bnseq"'),
+    "bnseq.callbacks": ("test_callbacks.py", r"bnseq\.callbacks\.Recalibrate"),
+    "bnseq.changing.convert": ("test_convert.py", r"bnseq\.batch_normalize\("),
+    "bnseq.changing.folding": ("test_fold.py", r"bnseq\.fold\("),
+    "bnseq.changing.freezing": ("test_freeze.py", r"bnseq\.freeze\("),
+    "bnseq.changing.layers": ("test_layers.py", r"bnseq\.BatchNormalization\("),
+    "bnseq.changing.marks": ("test_sequential.py", r"bnseq\.with_batch_norm\("),
+    "bnseq.changing.naming": ("test_rewrite.py", r"from bnseq\.changing import naming"),
+    "bnseq.changing.quantized_layers": ("test_quantize_aware.py", r"from bnseq\.changing import quantized_layers"),
+    "bnseq.changing.quantizing": ("test_quantize_aware.py", r"bnseq\.quantize_aware\("),
+    "bnseq.changing.reparameterizing": ("test_reparameterize.py", r"bnseq\.reparameterize\("),
+    "bnseq.changing.rewrite": ("test_rewrite.py", r"from bnseq\.changing import rewrite"),
+    "bnseq.changing.sequential": ("test_sequential.py", r"bnseq\.Sequential\("),
+    "bnseq.changing.units": ("test_sequential.py", r"\.add\("),
+    "bnseq.cli": ("test_cli.py", r"from bnseq import cli"),
+    "bnseq.deciding.branches": ("test_reparameterize.py", r"bnseq\.reparameterize_report\("),
+    "bnseq.deciding.findings": ("test_lint.py", r"bnseq\.lint\("),
+    "bnseq.deciding.fine_tuning": ("test_fine_tuning.py", r"BN005"),
+    "bnseq.deciding.fold_math": ("test_fold.py", r"from bnseq\.deciding\.fold_math import"),
+    "bnseq.deciding.fold_plan": ("test_fold.py", r"bnseq\.fold_report\("),
+    "bnseq.deciding.fold_through": ("test_fold_through.py", r"from bnseq\.deciding import fold_through"),
+    "bnseq.deciding.guards": ("test_never_wrong.py", r"from bnseq\.deciding import guards"),
+    "bnseq.deciding.overview": ("test_fine_tuning.py", r"bnseq\.summary\("),
+    "bnseq.deciding.quantize_plan": ("test_quantize_aware.py", r"bnseq\.quantize_aware_with_report\("),
+    "bnseq.deciding.rules": ("test_rules.py", r"from bnseq\.deciding import rules"),
+    "bnseq.demo": ("test_cli.py", r'cli\.main\(\["demo"'),
+    "bnseq.exporting.checking": ("test_export.py", r"from bnseq\.exporting import checking"),
+    "bnseq.exporting.exporter": ("test_export.py", r"bnseq\.export\("),
+    "bnseq.exporting.quantization": ("test_export.py", r'quantize="int8"'),
+    "bnseq.exporting.runtimes": ("test_runtimes.py", r"from bnseq\.exporting import runtimes"),
+    "bnseq.internals": ("test_internals.py", r"from bnseq import internals"),
+    "bnseq.kinds": ("test_kinds.py", r"from bnseq import kinds"),
+    "bnseq.notices": ("test_hostile.py", r"BatchNormPlacementWarning"),
+    "bnseq.probes": ("test_probes.py", r"from bnseq import probes"),
+    "bnseq.reading.files": ("test_files.py", r"from bnseq\.reading import files"),
+    "bnseq.reading.graph": ("test_graph.py", r"from bnseq\.reading import graph"),
+    "bnseq.reading.holding": ("test_freeze.py", r"bnseq\.summary\("),
+    "bnseq.reading.layout": ("test_layout.py", r"from bnseq\.reading import layout"),
+    "bnseq.reading.partial": ("test_real_models.py", r"read through"),
+    "bnseq.reading.trace": ("test_trace.py", r"from bnseq\.reading import trace"),
+    "bnseq.statistics.collective": ("test_collective.py", r"from bnseq\.statistics import collective"),
+    "bnseq.statistics.compiled": ("test_collective.py", r"from bnseq\.statistics import compiled"),
+    "bnseq.statistics.data": ("test_data.py", r"from bnseq\.statistics import data"),
+    "bnseq.statistics.plans": ("test_segments.py", r"from bnseq\.statistics import plans"),
+    "bnseq.statistics.recalibration": ("test_recalibrate.py", r"bnseq\.recalibrate\("),
+    "bnseq.statistics.segments": ("test_segments.py", r"from bnseq\.statistics import segments"),
+}
+
+
+def test_every_module_has_its_tests():
+    modules = sorted(module for module, path in MODULES.items() if os.path.basename(path) != "__init__.py")
+    assert sorted(TESTED_BY) == modules, "give each new module its tests and its line in TESTED_BY"
+    folder = os.path.dirname(os.path.abspath(__file__))
+    missing = []
+    for module, (test_module, evidence) in TESTED_BY.items():
+        path = os.path.join(folder, test_module)
+        if not os.path.exists(path) or not re.search(evidence, open(path, encoding="utf-8").read()):
+            missing.append(f"{module}: {test_module} does not reach it ({evidence})")
+    assert not missing, "\n".join(missing)
