@@ -13,6 +13,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bnseq.exporting import runtimes  # noqa: E402  (the one interleaved timer, shared with export)
+
 
 def interleaved(candidates, rounds, calls=1, warmup=1):
     """Seconds per call of each candidate, one figure per round.
@@ -30,15 +32,8 @@ def interleaved(candidates, rounds, calls=1, warmup=1):
     for name in names:
         for _ in range(warmup):
             candidates[name]()
-    times = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                candidates[name]()
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
+    times = runtimes.interleaved_times([candidates[name] for name in names], rounds, calls)
+    return dict(zip(names, times))
 
 
 def timed(function):

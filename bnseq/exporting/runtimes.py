@@ -258,6 +258,16 @@ def interleaved_latency(runs, rounds=7, calls=5):
 
     Every run has been called once already, so there is no warm-up here.
     """
+    return [statistics.median(each) for each in interleaved_times(runs, rounds, calls)]
+
+
+def interleaved_times(runs, rounds, calls=1):
+    """Seconds per call of each run, one figure per round (the mean of `calls` calls).
+
+    Every round runs each once, in an order that rotates from round to round,
+    so that a slow moment of a shared machine falls on all of them alike.
+    `benchmarks/common.py` times its candidates with this too.
+    """
     times = [[] for _ in runs]
     for round_index in range(rounds):
         order = list(range(len(runs)))
@@ -267,7 +277,7 @@ def interleaved_latency(runs, rounds=7, calls=5):
             for _ in range(calls):
                 runs[index]()
             times[index].append((time.perf_counter() - start) / calls)
-    return [statistics.median(each) for each in times]
+    return times
 
 
 def size(path):
