@@ -326,6 +326,7 @@ def trained(model, epochs=2, seed=6):
 
 @needs_tensorflow
 def test_litert_runs_every_linear_op_in_int8_from_the_learned_ranges(tmp_path):
+    pytest.importorskip("ai_edge_litert")
     from bnseq.exporting import runtimes
 
     qat, x = trained(small_model())
@@ -345,6 +346,7 @@ def test_litert_runs_every_linear_op_in_int8_from_the_learned_ranges(tmp_path):
 
 @needs_tensorflow
 def test_litert_names_what_stays_float(tmp_path):
+    pytest.importorskip("ai_edge_litert")
     inputs = keras.Input((5, 3))
     x = layers.Conv1D(4, 3, padding="same", name="conv")(inputs)
     x = layers.LSTM(4, unroll=True, name="lstm")(x)  # unrolled: LiteRT runs it without Flex ops
@@ -355,7 +357,8 @@ def test_litert_names_what_stays_float(tmp_path):
 
 @needs_tensorflow
 def test_onnx_carries_the_ranges_as_quantize_dequantize_pairs(tmp_path):
-    import onnx
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
 
     qat, x = trained(small_model(), epochs=1)
     path = str(tmp_path / "qat.onnx")
