@@ -281,7 +281,10 @@ class Drawn:
         axis = -1 if dense or fmt == "channels_last" else 1
         linear = (layers.Dense(3, use_bias=False) if dense
                   else layers.Conv2D(FILTERS, 1, use_bias=False, data_format=fmt))
-        stack = [linear, layers.BatchNormalization(axis=axis), layers.ReLU()]
+        # Open at the end (the linear layer last) half the time: a BatchNormalization drawn next, in the
+        # outer model, then folds across the nested model's boundary.
+        open_end = self.draw(st.booleans())
+        stack = [linear] if open_end else [linear, layers.BatchNormalization(axis=axis), layers.ReLU()]
         name = self.name("nested")
         if sequential:
             inner = keras.Sequential([keras.Input(shape), *stack], name=name)
@@ -292,7 +295,7 @@ class Drawn:
                 x = layer(x)
             inner = keras.Model(inner_inputs, x, name=name)
         new_axis = self.rank() - 1 if dense else (1 if fmt == "channels_first" else 3)
-        self.push(inner(self.current.value), new_axis, "nonlinear", stack[-1].name)
+        self.push(inner(self.current.value), new_axis, "linear" if open_end else "nonlinear", stack[-1].name)
 
     def block(self):
         if self.rank() != 4:
