@@ -342,6 +342,12 @@ def test_litert_runs_every_linear_op_in_int8_from_the_learned_ranges(tmp_path):
     assert not [op for op in operators if op[0] == "MUL"]  # nothing left of the BatchNormalization layers
     assert "against the quantize-aware model: top-1 agreement 1.0000" in str(report)
     assert "operators computing in float: none" in str(report)
+    # The command line exports a saved quantize-aware model the same way: no --quantize, no --data.
+    from bnseq import cli
+
+    qat.save(str(tmp_path / "qat.keras"))
+    assert cli.main(["export", str(tmp_path / "qat.keras"), str(tmp_path / "from_cli.tflite")]) == 0
+    assert (tmp_path / "from_cli.tflite").exists()
 
 
 @needs_tensorflow
