@@ -257,6 +257,11 @@ def test_without_data_a_taken_over_batch_norm_still_computes_what_it_did():
     assert relative(model, fixed, x) <= 1e-5
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="ResNet50 on TensorFlow's legs only (13 s of initializer compiles on JAX); batch_normalize(data=) "
+    "keeps predictions on every backend in tests/test_recalibrate.py",
+)
 def test_resnet50_with_conv_biases_keeps_its_predictions():
     model = trained_like(keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=5), 8)
     x = np.random.default_rng(9).normal(size=(8, 32, 32, 3)).astype("float32")
