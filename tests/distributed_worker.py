@@ -84,6 +84,24 @@ def mirrored(out):
         name: {key.split("/")[1]: value.tolist() for key, value in arrays.items()} for name, arrays in callback.items()
     }
 
+    # bnseq.quantize_aware in the scope: each unit normalizes as its BatchNormalization would, so a
+    # synchronized one takes the statistics of the whole batch, as on one device.
+    def quantize_aware_step(model):
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        unit = next(layer for layer in model.layers if isinstance(layer, bnseq.QuantizedLinear))
+        return {
+            "moving_mean": unit.batch_norm.moving_mean.numpy().tolist(),
+            "moving_variance": unit.batch_norm.moving_variance.numpy().tolist(),
+            "ranges": [float(v.numpy()) for v in model.weights if v.path.endswith(("minimum", "maximum"))],
+        }
+
+    results["quantize_aware"] = {"single_device": quantize_aware_step(bnseq.quantize_aware(make({"momentum": 0.0})))}
+    for name, synchronized in (("synchronized", True), ("unsynchronized", False)):
+        source = make({"momentum": 0.0, "synchronized": synchronized})
+        with strategy.scope():
+            results["quantize_aware"][name] = quantize_aware_step(bnseq.quantize_aware(source))
+
     # A model built in the scope trains, saves, loads, lints and folds.
     with strategy.scope():
         model = make({"synchronized": True})

@@ -70,6 +70,22 @@ def test_mirrored_unsynchronized_statistics_do_not(mirrored):
 
 
 @tensorflow_only
+def test_quantize_aware_under_mirrored_normalizes_as_its_batch_norm_would(mirrored):
+    """A quantize-aware unit of a synchronized BatchNormalization takes the whole batch's statistics, and
+    every activation range is the whole batch's, gathered from the replicas' halves."""
+    qat = mirrored["quantize_aware"]
+    assert len(qat["single_device"]["ranges"]) >= 4
+    np.testing.assert_allclose(qat["synchronized"]["ranges"], qat["single_device"]["ranges"], rtol=1e-5, atol=1e-6)
+    # The model input's range, before any normalization, whatever the BatchNormalization.
+    np.testing.assert_allclose(qat["unsynchronized"]["ranges"][:2], qat["single_device"]["ranges"][:2], rtol=1e-6)
+    for key in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(qat["synchronized"][key], qat["single_device"][key], rtol=1e-5, atol=1e-6)
+    # Unsynchronized, each replica normalizes its own half, as Keras's own layer does there.
+    difference = np.abs(np.array(qat["unsynchronized"]["moving_variance"]) - qat["single_device"]["moving_variance"])
+    assert difference.max() > 0.1
+
+
+@tensorflow_only
 def test_model_built_in_scope_trains_saves_loads_lints_and_folds(mirrored):
     scope = mirrored["scope"]
     assert scope["loss_finite"]

@@ -72,6 +72,25 @@ def check_freeze_statistics_after(value):
         )
 
 
+def _across_replicas(low, high):
+    """The range of the whole batch where a tf.distribute strategy gives each replica a part of it.
+
+    On one device, and on JAX (whose distributed batch is one sharded array), the range is already the
+    batch's. Under a TensorFlow strategy each replica sees its share: gathered, the ranges combine into
+    the one a single device would learn, whatever the number of replicas.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return low, high
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return low, high
+    gathered = context.all_gather(ops.stack([-low, high])[None], axis=0)
+    widest = ops.max(gathered, axis=0)
+    return -widest[0], widest[1]
+
+
 @keras.saving.register_keras_serializable(package="bnseq", name="ActivationQuantizer")
 class ActivationQuantizer(keras.layers.Layer):
     """Rounds a tensor to 256 levels of a range, as an int8 runtime stores it between layers.
@@ -126,8 +145,9 @@ class ActivationQuantizer(keras.layers.Layer):
         low, high = self.minimum, self.maximum
         if training and self.fixed_range is None:
             values = ops.cast(inputs, "float32")
-            batch_low = ops.minimum(ops.min(values), 0.0)
-            batch_high = ops.maximum(ops.max(values), 0.0)
+            batch_low, batch_high = _across_replicas(
+                ops.minimum(ops.min(values), 0.0), ops.maximum(ops.max(values), 0.0)
+            )
             first = ops.equal(self.seen, 0.0)
             low = ops.where(first, batch_low, low * self.momentum + batch_low * (1.0 - self.momentum))
             high = ops.where(first, batch_high, high * self.momentum + batch_high * (1.0 - self.momentum))
@@ -355,7 +375,11 @@ class QuantizedLinear(keras.layers.Layer):
         # What the BatchNormalization would normalize (the bias aside: the batch mean takes it away).
         plain = ops.cast(self._linear(inputs, kernels, quantized=False), "float32")
         axes = [axis for axis in range(rank) if axis != self._channel_axis(rank)]
-        batch_mean, batch_variance = ops.moments(plain, axes=axes)
+        # A synchronized BatchNormalization (TensorFlow only) takes the statistics of the global batch
+        # across the replicas of a tf.distribute strategy; its unit does the same.
+        batch_mean, batch_variance = ops.moments(
+            plain, axes=axes, synchronized=bool(getattr(batch_norm, "synchronized", False))
+        )
         batch_sigma = ops.sqrt(batch_variance + batch_norm.epsilon)
         frozen = self._frozen()
         momentum = batch_norm.momentum
