@@ -20,7 +20,7 @@ record, independent of bnseq: which axis holds the channels of each tensor
 - `lint` reports exactly the planted misplacements.
 
 The budget: the suite's Hypothesis profile (`ci`: 12 examples, derandomized;
-`dev`: 25), about 10 s. For a long run, `HYPOTHESIS_PROFILE=fuzz` (300
+`dev`: 12 drawn afresh each run), about 10 s. For a long run, `HYPOTHESIS_PROFILE=fuzz` (300
 examples, or `BNSEQ_FUZZ_EXAMPLES`), e.g.
 `HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz.py` (profiles in conftest.py).
 """
