@@ -122,3 +122,22 @@ def test_predicted_in_batches_equals_one_batch(make):
     whole = probes.predicted(model, x)
     np.testing.assert_allclose(probes.predicted(model, x, batch_size=3), whole, rtol=1e-5, atol=1e-6)
     assert whole.shape == (7, 2 if make is model_channels_first else 3)
+
+
+@pytest.mark.parametrize("make", [model_channels_first, lambda: bnseq.Sequential(
+    [keras.Input((5,)), layers.Dense(3)], batch_norm=True)])
+def test_inference_step_computes_what_predict_does_without_its_pipeline(make, monkeypatch):
+    """What export times: on this machine's path, the same outputs as `predicted`, never `predict` itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bnseq.PlatformWarning)
+        model = make()
+    x = np.random.default_rng(0).normal(size=(4, *model.inputs[0].shape[1:])).astype("float32")
+    expected = probes.predicted(model, x)
+    step = probes.inference_step(model)
+
+    def no_predict(*args, **kwargs):
+        raise AssertionError("the inference step ran predict and its data pipeline")
+
+    monkeypatch.setattr(type(model), "predict", no_predict)
+    for _ in range(2):  # compiled once, called again
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(step(x)), expected, rtol=1e-5, atol=1e-6)

@@ -50,3 +50,20 @@ def test_operators_and_output_scales_of_a_litert_file(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
     ((name, values),) = run([x])
     np.testing.assert_allclose(values, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_keras_artifact_is_timed_on_its_inference_and_checked_under_predict(tmp_path, monkeypatch):
+    """`.keras` latency is Keras's compiled inference step, the same outputs as the check's `predict`."""
+    model = keras.Sequential([keras.Input((3,), name="x"), layers.Dense(2)])
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    run = runtimes.run_keras(path, ["x"], None)
+    flat = [np.random.default_rng(0).normal(size=(4, 3)).astype("float32")]
+    ((_, checked),) = run(flat)
+    monkeypatch.setattr(keras.Model, "predict", lambda *args, **kwargs: pytest.fail("timed with predict"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(runtimes.timed(run)(flat)), checked, rtol=1e-6)
+
+    def onnx_like(flat):
+        return flat
+
+    assert runtimes.timed(onnx_like) is onnx_like  # the other runtimes are timed as they are run

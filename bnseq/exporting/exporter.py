@@ -285,10 +285,10 @@ def export(model, path, *, format=None, fold=True, sample=None, safe_mode=True, 
                         runtime, other, checking.input_names(model), threads, chosen, safe_mode, None, inputs
                     )
                     latency, unfolded_latency = runtimes.interleaved_latency(
-                        [lambda: run(inputs), lambda: run_unfolded(inputs)]
+                        [lambda: runtimes.timed(run)(inputs), lambda: runtimes.timed(run_unfolded)(inputs)]
                     )
             else:
-                (latency,) = runtimes.interleaved_latency([lambda: run(inputs)])
+                (latency,) = runtimes.interleaved_latency([lambda: runtimes.timed(run)(inputs)])
         except BaseException:
             runtimes.remove(staged)
             raise

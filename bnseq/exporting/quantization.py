@@ -171,7 +171,7 @@ def quantize_aware_check(expected, outputs, path, inputs, threads, run, chosen):
         )
         left = tuple(runtimes.float_operators(path))
     agreement, mean_rel = _agreement(expected, outputs)
-    (latency,) = runtimes.interleaved_latency([lambda: run(inputs)])
+    (latency,) = runtimes.interleaved_latency([lambda: runtimes.timed(run)(inputs)])
     quantization = Quantization(
         kind="int8" if chosen == "litert" else "int8 QDQ", examples=len(next(iter(expected.values()))),
         agreement=agreement, mean_rel=mean_rel, float_size=None, float_latency=None, recalibrated=False,

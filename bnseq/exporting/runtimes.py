@@ -250,7 +250,14 @@ def run_keras(path, names, threads, *, safe_mode=True):
     def run(flat):  # as a user runs it: predict
         return list(checking.named(loaded, probes.predicted(loaded, checking.call_input(loaded, flat))).items())
 
+    step = probes.inference_step(loaded)
+    run.timed = lambda flat: step(checking.call_input(loaded, flat))  # the latency: inference, not predict's pipeline
     return run
+
+
+def timed(run):
+    """What to time of a runtime's `run`: the runtime's inference (Keras's has its own, `run_keras`)."""
+    return getattr(run, "timed", run)
 
 
 def interleaved_latency(runs, rounds=7, calls=5):
