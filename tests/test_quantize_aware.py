@@ -410,3 +410,41 @@ def test_a_frozen_batch_norm_stays_frozen(how):
     assert np.array_equal(before[2], after[2]) and np.array_equal(before[3], after[3])  # statistics held
     moved = not np.array_equal(before[0], after[0])
     assert moved is (how == "statistics")  # gamma trains only where only the statistics were frozen
+
+
+def test_a_mixed_precision_model_trains_for_int8_in_float32_and_exports(tmp_path):
+    """mixed_float16 in the source: the quantize-aware model computes in float32, says so, trains, exports."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = small_model()  # built under the policy: every layer computes in float16
+    finally:
+        keras.config.set_dtype_policy("float32")
+    keras.config.set_dtype_policy("mixed_float16")  # and the policy still set while quantize_aware builds
+    try:
+        policies = {layer.name: layer.dtype_policy.name for layer in model.layers}
+        before = [numpy(variable) for variable in model.variables]
+        qat, report = bnseq.quantize_aware_with_report(model)
+        sublayers = [each for layer in qat.layers for each in layer._flatten_layers() if not isinstance(
+            each, keras.layers.InputLayer)]
+        assert {each.dtype_policy.name for each in sublayers} == {"float32"}
+        assert report.float32 == tuple(layer.name for layer in model.layers[1:])  # all but the input layer
+        assert "add" in report.float32 and "pool" in report.float32  # layers without variables too
+        assert "computes in float32; these computed in float16 or bfloat16: conv, bn, relu" in str(report)
+        x = np.random.default_rng(4).normal(size=(32, 6, 6, 3)).astype("float32")
+        y = np.random.default_rng(5).integers(0, 3, 32)
+        qat.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        history = qat.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert {layer.name: layer.dtype_policy.name for layer in model.layers} == policies  # the source as it was
+    assert all(np.array_equal(a, numpy(b)) for a, b in zip(before, model.variables))
+    if TENSORFLOW and _has("ai_edge_litert"):
+        report = bnseq.export(qat, str(tmp_path / "qat.tflite"), data=x)
+        assert report.quantization.float_operators == () and report.quantization.agreement >= 0.9
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

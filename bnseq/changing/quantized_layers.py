@@ -222,18 +222,22 @@ class QuantizedLinear(keras.layers.Layer):
             raise TypeError(f"batch_norm must be a BatchNormalization layer. Received: batch_norm={batch_norm!r}")
         check_freeze_statistics_after(freeze_statistics_after)
         if activation is not None and not isinstance(activation, keras.Layer):
-            activation = keras_layers.Activation(activation, name=f"{self.name}_activation")
+            activation = keras_layers.Activation(activation, name=f"{self.name}_activation", dtype=self.dtype_policy)
         self.layer, self.batch_norm, self.activation = layer, batch_norm, activation
         self.freeze_statistics_after = freeze_statistics_after
         self.momentum = float(momentum)
         name = activation_name(activation)
         self.input_range = None
         if name not in FUSED_ACTIVATIONS:  # LiteRT runs it as an op of its own, on an int8 input
-            self.input_range = ActivationQuantizer(momentum, name=f"{self.name}_before_activation")
-        self.output_range = ActivationQuantizer(momentum, FIXED_RANGES.get(name), name=f"{self.name}_output")
+            self.input_range = ActivationQuantizer(
+                momentum, name=f"{self.name}_before_activation", dtype=self.dtype_policy
+            )
+        self.output_range = ActivationQuantizer(
+            momentum, FIXED_RANGES.get(name), name=f"{self.name}_output", dtype=self.dtype_policy
+        )
         self.between = None  # a separable convolution's depthwise output is a tensor of its own in LiteRT
         if isinstance(layer, keras_layers.SeparableConv2D):
-            self.between = ActivationQuantizer(momentum, name=f"{self.name}_depthwise_output")
+            self.between = ActivationQuantizer(momentum, name=f"{self.name}_depthwise_output", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         output_shape = self.layer.compute_output_shape(input_shape)

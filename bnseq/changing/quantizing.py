@@ -6,7 +6,10 @@ what it takes in, which outputs get a range) and the layers in
 rewrite engine. Unlike `fold`, whose result is for inference, this model
 trains: so it shares no layer that holds variables with the source model.
 Every such layer is a copy (from its config, with its weights), and the source
-model is left exactly as it was whatever the new one learns.
+model is left exactly as it was whatever the new one learns. The new model
+computes in float32 whatever the source's dtype policy: it simulates int8,
+float16 rounding on top would be noise the export does not have, and Keras's
+LiteRT export writes float16 layers as Flex ops.
 """
 
 import dataclasses
@@ -20,6 +23,7 @@ from bnseq.deciding import quantize_plan
 from bnseq.reading import files
 from bnseq.reading import graph as graph_module
 
+FLOAT32 = "float32"
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeAwareReport:
@@ -27,9 +31,13 @@ class QuantizeAwareReport:
 
     Attributes:
         decisions: tuple of `QuantizeDecision`.
+        float32: tuple of str. The layers that compute in float16 or
+            bfloat16 in the source model (mixed precision) and in float32 in
+            the quantize-aware one.
     """
 
     decisions: tuple
+    float32: tuple = ()
 
     @property
     def units(self):
@@ -51,6 +59,8 @@ class QuantizeAwareReport:
             f"{len(self.units)} linear layer(s) trained for int8, {len(self.folded)} BatchNormalization "
             f"folded in, {len(self.float_layers)} layer(s) left in float"
         ]
+        if self.float32:
+            lines.append(f"computes in float32; these computed in float16 or bfloat16: {', '.join(self.float32)}")
         lines += [f"- {decision}" for decision in self.decisions]
         return "\n".join(lines)
 
@@ -74,7 +84,9 @@ def quantize_aware(model, *, freeze_statistics_after=None, momentum=0.99, strict
     max pooling, reshapes and padding keep their input's range. What bnseq
     does not train for int8 (recurrent layers, attention, custom layers)
     stays float, is listed in the report (`strict=True` refuses instead),
-    and gets a range on its output so that what follows is int8.
+    and gets a range on its output so that what follows is int8. The new
+    model computes in float32 even where `model` uses mixed precision (the
+    report names the layers that did not).
 
     The result is one functional `keras.Model` (nested models and traced
     subclassed layers inlined), with the report as its
@@ -142,7 +154,8 @@ def quantize_aware_with_report(model, *, freeze_statistics_after=None, momentum=
     _check_options(freeze_statistics_after, momentum)
     graph = graph_module.walk(model)
     plan = quantize_plan.decide(graph)
-    report = QuantizeAwareReport(tuple(plan.decisions))
+    half = tuple(operation.name for operation in graph.layers if _in_half_precision(operation))
+    report = QuantizeAwareReport(tuple(plan.decisions), half)
     if not plan.units:
         names = ", ".join(kind.__name__ for kind in quantize_plan.QUANTIZABLE)
         raise ValueError(
@@ -184,32 +197,43 @@ def _check_options(freeze_statistics_after, momentum):
 
 
 def _quantizer(name, taken, momentum, fixed=None):
-    return quantized_layers.ActivationQuantizer(momentum, fixed, name=rewrite.unique_name(name, taken))
+    return quantized_layers.ActivationQuantizer(momentum, fixed, name=rewrite.unique_name(name, taken), dtype=FLOAT32)
+
+
+def _in_half_precision(operation):
+    policy = getattr(operation, "dtype_policy", None)
+    return getattr(policy, "compute_dtype", None) in ("float16", "bfloat16")
+
+
+def _float32_config(layer):
+    """`layer.get_config()`, computing (and keeping its variables) in float32."""
+    config = layer.get_config()
+    config["dtype"] = FLOAT32
+    return config
 
 
 def _unit(unit, freeze_statistics_after, momentum):
     """The `QuantizedLinear` of a planned unit, its layers fresh copies (weights set by `_carry_unit`)."""
     source = unit.layer
-    config = source.get_config()
+    config = _float32_config(source)
     config["activation"] = "linear"
     layer = type(source).from_config(config)
     batch_norm = None
     if unit.batch_norm is not None:  # Keras's own layer with the same options (a bnseq subclass included)
         source_bn = unit.batch_norm
         batch_norm = keras.layers.BatchNormalization(
-            axis=source_bn.axis, name=source_bn.name, dtype=source_bn.dtype_policy,
+            axis=source_bn.axis, name=source_bn.name, dtype=FLOAT32,
             trainable=source_bn.trainable, **rewrite.batch_norm_options(source_bn),
         )
     activation = unit.activation
     if isinstance(activation, keras.Layer):
-        activation = type(activation).from_config(activation.get_config())
+        activation = type(activation).from_config(_float32_config(activation))
     elif activation is not None:
-        activation = keras.layers.Activation(activation, name=f"{source.name}_activation",
-                                             dtype=source.dtype_policy)
+        activation = keras.layers.Activation(activation, name=f"{source.name}_activation", dtype=FLOAT32)
     freeze = 0 if unit.statistics_frozen else freeze_statistics_after
     return quantized_layers.QuantizedLinear(
         layer, batch_norm, activation, freeze_statistics_after=freeze, momentum=momentum, name=source.name,
-        dtype=source.dtype_policy,
+        dtype=FLOAT32,
     )
 
 
@@ -220,20 +244,24 @@ def _carry_unit(unit, layer):
 
 
 def _copy(operation, rebuild):
-    """`operation` itself when it holds no variables (shared, as the rewrite engine shares), else a copy.
+    """`operation` itself when it holds no variables and computes in float32 (shared, as the rewrite
+    engine shares), else a copy (in float32 where it computed in float16 or bfloat16).
 
     A copy is made from the layer's config and given its weights once
     built; a layer that cannot be re-created is refused, naming it, rather
     than shared with the source model (training would change the source).
     """
-    if not isinstance(operation, keras.Layer) or not operation.variables:
+    if not isinstance(operation, keras.Layer) or not (operation.variables or _in_half_precision(operation)):
         return operation
     try:
-        copy = type(operation).from_config(operation.get_config())
+        copy = type(operation).from_config(
+            _float32_config(operation) if _in_half_precision(operation) else operation.get_config()
+        )
     except Exception as error:  # any class's own from_config
         raise ValueError(
             f"quantize_aware trains a new model and leaves yours as it was, so it copies each layer that "
-            f"holds variables; {kinds.describe(operation)} cannot be re-created from its config ({error}). "
+            f"holds variables or computes in half precision; {kinds.describe(operation)} cannot be "
+            f"re-created from its config ({error}). "
             "Give the class a get_config() that its __init__ takes back, and register it with "
             "keras.saving.register_keras_serializable."
         ) from error
