@@ -444,6 +444,26 @@ def test_a_mixed_precision_model_trains_for_int8_in_float32_and_exports(tmp_path
         assert report.quantization.float_operators == () and report.quantization.agreement >= 0.9
 
 
+def test_a_half_precision_lambda_is_shared_as_it_is_and_named():
+    """A Python lambda has no config to re-create it in float32 from: shared in float16, in the report."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inputs = keras.Input((5,), name="features")
+        x = layers.BatchNormalization(name="bn")(layers.Dense(4, use_bias=False, name="dense")(inputs))
+        x = layers.Lambda(lambda t: t * 0.5, name="halve")(x)
+        model = keras.Model(inputs, layers.Dense(2, name="logits", dtype="float32")(x))
+        qat, report = bnseq.quantize_aware_with_report(model)
+        assert report.half_precision == ("halve",) and report.float32 == ("dense", "bn")
+        assert qat.get_layer("halve") is model.get_layer("halve")
+        assert "left in half precision (no config to re-create them from): halve" in str(report)
+        x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+        qat.compile(keras.optimizers.Adam(1e-2), "mse")
+        history = qat.fit(x, np.zeros((16, 2), "float32"), epochs=1, batch_size=8, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
 def _has(module):
     import importlib.util
 

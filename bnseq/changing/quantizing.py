@@ -34,10 +34,14 @@ class QuantizeAwareReport:
         float32: tuple of str. The layers that compute in float16 or
             bfloat16 in the source model (mixed precision) and in float32 in
             the quantize-aware one.
+        half_precision: tuple of str. Layers without variables that compute
+            in half precision and cannot be re-created from their config (a
+            Python lambda), so the quantize-aware model shares them as they are.
     """
 
     decisions: tuple
     float32: tuple = ()
+    half_precision: tuple = ()
 
     @property
     def units(self):
@@ -61,6 +65,10 @@ class QuantizeAwareReport:
         ]
         if self.float32:
             lines.append(f"computes in float32; these computed in float16 or bfloat16: {', '.join(self.float32)}")
+        if self.half_precision:
+            lines.append(
+                f"left in half precision (no config to re-create them from): {', '.join(self.half_precision)}"
+            )
         lines += [f"- {decision}" for decision in self.decisions]
         return "\n".join(lines)
 
@@ -154,8 +162,7 @@ def quantize_aware_with_report(model, *, freeze_statistics_after=None, momentum=
     _check_options(freeze_statistics_after, momentum)
     graph = graph_module.walk(model)
     plan = quantize_plan.decide(graph)
-    half = tuple(operation.name for operation in graph.layers if _in_half_precision(operation))
-    report = QuantizeAwareReport(tuple(plan.decisions), half)
+    report = QuantizeAwareReport(tuple(plan.decisions))
     if not plan.units:
         names = ", ".join(kind.__name__ for kind in quantize_plan.QUANTIZABLE)
         raise ValueError(
@@ -185,6 +192,14 @@ def quantize_aware_with_report(model, *, freeze_statistics_after=None, momentum=
             chain.append(_quantizer(f"{operation.name}_quantizer", taken, momentum, plan.ranged[id(operation)]))
         if chain != [operation]:
             rebuild.replace[id(operation)] = chain
+    half = [operation for operation in graph.layers if _in_half_precision(operation)]
+    shared = {id(each) for each in half
+              if id(each) not in rebuild.drop and rebuild.replace.get(id(each), [each])[0] is each}
+    report = dataclasses.replace(
+        report,
+        float32=tuple(each.name for each in half if id(each) not in shared),
+        half_precision=tuple(each.name for each in half if id(each) in shared),
+    )
     result = rewrite.apply(model, rebuild, graph.flat)
     result.quantize_aware_report = report
     return result, report
@@ -248,11 +263,18 @@ def _copy(operation, rebuild):
     engine shares), else a copy (in float32 where it computed in float16 or bfloat16).
 
     A copy is made from the layer's config and given its weights once
-    built; a layer that cannot be re-created is refused, naming it, rather
-    than shared with the source model (training would change the source).
+    built; a layer with variables that cannot be re-created is refused,
+    naming it, rather than shared with the source model (training would
+    change the source). One without variables is shared instead, in its own
+    precision (the report's `half_precision`).
     """
     if not isinstance(operation, keras.Layer) or not (operation.variables or _in_half_precision(operation)):
         return operation
+    if not operation.variables:  # only its precision to change: shared where it cannot be re-created
+        try:
+            return type(operation).from_config(_float32_config(operation))
+        except Exception:  # any class's own from_config; a Python lambda refuses in safe mode
+            return operation
     try:
         copy = type(operation).from_config(
             _float32_config(operation) if _in_half_precision(operation) else operation.get_config()
@@ -260,8 +282,7 @@ def _copy(operation, rebuild):
     except Exception as error:  # any class's own from_config
         raise ValueError(
             f"quantize_aware trains a new model and leaves yours as it was, so it copies each layer that "
-            f"holds variables or computes in half precision; {kinds.describe(operation)} cannot be "
-            f"re-created from its config ({error}). "
+            f"holds variables; {kinds.describe(operation)} cannot be re-created from its config ({error}). "
             "Give the class a get_config() that its __init__ takes back, and register it with "
             "keras.saving.register_keras_serializable."
         ) from error
