@@ -444,13 +444,25 @@ def test_a_mixed_precision_model_trains_for_int8_in_float32_and_exports(tmp_path
         assert report.quantization.float_operators == () and report.quantization.agreement >= 0.9
 
 
-def test_a_half_precision_lambda_is_shared_as_it_is_and_named():
-    """A Python lambda has no config to re-create it in float32 from: shared in float16, in the report."""
+class _Apply(layers.Layer):
+    """No variables, and a Python function for an argument: Keras has no config for it."""
+
+    def __init__(self, function, **kwargs):
+        super().__init__(**kwargs)
+        self.function = function
+
+    def call(self, inputs):
+        return self.function(inputs)
+
+
+def test_a_half_precision_layer_without_a_config_is_shared_as_it_is_and_named():
+    """No config to re-create it in float32 from (get_config raises NotImplementedError for a Python
+    function argument): shared in float16, named in the report, and the model trains."""
     keras.config.set_dtype_policy("mixed_float16")
     try:
         inputs = keras.Input((5,), name="features")
         x = layers.BatchNormalization(name="bn")(layers.Dense(4, use_bias=False, name="dense")(inputs))
-        x = layers.Lambda(lambda t: t * 0.5, name="halve")(x)
+        x = _Apply(lambda t: t * 0.5, name="halve")(x)
         model = keras.Model(inputs, layers.Dense(2, name="logits", dtype="float32")(x))
         qat, report = bnseq.quantize_aware_with_report(model)
         assert report.half_precision == ("halve",) and report.float32 == ("dense", "bn")
