@@ -25,6 +25,7 @@ from bnseq.reading import graph as graph_module
 
 FLOAT32 = "float32"
 
+
 @dataclasses.dataclass(frozen=True)
 class QuantizeAwareReport:
     """What `quantize_aware` made of each layer, as `QuantizeDecision`s in model order (inputs first).
@@ -35,8 +36,8 @@ class QuantizeAwareReport:
             bfloat16 in the source model (mixed precision) and in float32 in
             the quantize-aware one.
         half_precision: tuple of str. Layers without variables that compute
-            in half precision and cannot be re-created from their config (a
-            Python lambda), so the quantize-aware model shares them as they are.
+            in half precision and cannot be re-created from their config (one
+            taking a Python function), so the quantize-aware model shares them as they are.
     """
 
     decisions: tuple
